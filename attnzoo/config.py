@@ -1,0 +1,214 @@
+"""Model configuration: a frozen, JSON-able `ModelConfig`, the layer plan, and named presets.
+
+A layer plan says which token mixer each layer uses. Two spellings resolve to the same thing:
+
+    "gqa*3,mamba2"                         # three GQA layers, then one Mamba-2 layer
+    "gqa(window=256,qk_norm=true)*2,mqa"   # per-layer options in parentheses
+    "gqa@a,mqa,gqa@a"                      # '@tag': layers with one tag share one block's parameters
+    [LayerSpec("gqa"), {"mixer": "mqa", "options": {"window": 64}}]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Mapping, Sequence
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """One layer of the plan: the mixer's registered name, its options, and an optional sharing tag."""
+
+    mixer: str
+    options: tuple[tuple[str, Any], ...] = ()
+    share: str | None = None
+
+    def __post_init__(self):
+        if isinstance(self.options, Mapping):
+            object.__setattr__(self, "options", tuple(sorted(self.options.items())))
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.options)
+
+    def __str__(self) -> str:
+        text = self.mixer
+        if self.options:
+            text += "(" + ",".join(f"{k}={_format_value(v)}" for k, v in self.options) + ")"
+        if self.share:
+            text += f"@{self.share}"
+        return text
+
+
+_ITEM = re.compile(r"^(?P<mixer>[A-Za-z_][\w\-]*)(?:\((?P<opts>[^()]*)\))?(?:@(?P<share>\w+))?(?:\*(?P<n>\d+))?$")
+
+
+def _parse_value(text: str) -> Any:
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "none" if value is None else str(value)
+
+
+def _split_top_level(plan: str) -> list[str]:
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(plan):
+        depth += (ch == "(") - (ch == ")")
+        if ch == "," and depth == 0:
+            items.append(plan[start:i])
+            start = i + 1
+    items.append(plan[start:])
+    return [item.strip() for item in items if item.strip()]
+
+
+def parse_plan(plan: str | Sequence[LayerSpec | Mapping[str, Any] | str]) -> tuple[LayerSpec, ...]:
+    """Resolve a plan string or a list of per-layer specs into a tuple of `LayerSpec`s."""
+    if isinstance(plan, str):
+        layers: list[LayerSpec] = []
+        for item in _split_top_level(plan):
+            match = _ITEM.match(item.replace(" ", ""))
+            if match is None:
+                raise ValueError(
+                    f"plan: cannot parse {item!r}; write items like 'gqa', 'gqa*3', 'gqa(window=128)', 'gqa@shared'")
+            options = {}
+            if match["opts"]:
+                for pair in match["opts"].split(","):
+                    if "=" not in pair:
+                        raise ValueError(f"plan: option {pair!r} in {item!r} must be written key=value")
+                    key, value = pair.split("=", 1)
+                    options[key.strip()] = _parse_value(value.strip())
+            spec = LayerSpec(match["mixer"], options, match["share"])
+            layers.extend([spec] * int(match["n"] or 1))
+        if not layers:
+            raise ValueError("plan: the layer plan is empty; give e.g. 'gqa*4'")
+        return tuple(layers)
+    resolved = []
+    for item in plan:
+        if isinstance(item, LayerSpec):
+            resolved.append(item)
+        elif isinstance(item, str):
+            resolved.extend(parse_plan(item))
+        elif isinstance(item, Mapping):
+            resolved.append(LayerSpec(item["mixer"], dict(item.get("options", {})), item.get("share")))
+        else:
+            raise ValueError(f"plan: entries must be LayerSpec, dict or str, got {type(item).__name__}")
+    if not resolved:
+        raise ValueError("plan: the layer plan is empty; give e.g. 'gqa*4'")
+    return tuple(resolved)
+
+
+def format_plan(layers: Sequence[LayerSpec]) -> str:
+    """The canonical plan string (runs of identical layers written as 'spec*n')."""
+    out, i = [], 0
+    while i < len(layers):
+        j = i
+        while j < len(layers) and layers[j] == layers[i]:
+            j += 1
+        out.append(str(layers[i]) + (f"*{j - i}" if j - i > 1 else ""))
+        i = j
+    return ",".join(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A decoder LM: token embedding, `n_layers` pre-norm blocks (mixer + SwiGLU MLP), final RMSNorm, LM head."""
+
+    vocab_size: int = 259
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None: same as n_heads (MHA)
+    head_dim: int | None = None  # None: d_model // n_heads
+    mlp_hidden: int | None = None  # None: 8/3 * d_model rounded up to a multiple of 64
+    norm_eps: float = 1e-6
+    rope_base: float = 10_000.0
+    tie_embeddings: bool = True
+    max_seq_len: int = 1024
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    attn_implementation: str = "auto"  # "auto" | "xla" | "cudnn" | "pallas"
+    plan: Any = None  # str or sequence of specs, resolved into `layers`; None: GQA in every layer
+    layers: tuple[LayerSpec, ...] = dataclasses.field(default=(), compare=False, repr=False)
+
+    def __post_init__(self):
+        layers = parse_plan(f"gqa*{self.n_layers}" if self.plan is None else self.plan)
+        if len(layers) != self.n_layers:
+            raise ValueError(
+                f"plan: {format_plan(layers)!r} has {len(layers)} layers but n_layers={self.n_layers}; "
+                f"give exactly n_layers entries, e.g. '{layers[0].mixer}*{self.n_layers}'")
+        object.__setattr__(self, "layers", layers)
+        object.__setattr__(self, "plan", format_plan(layers))
+        for name, value, allowed in (("dtype", self.dtype, DTYPES), ("param_dtype", self.param_dtype, DTYPES),
+                                     ("attn_implementation", self.attn_implementation,
+                                      ("auto", "xla", "cudnn", "pallas"))):
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r} is not one of {', '.join(allowed)}")
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ValueError(f"n_heads={self.n_heads} must divide d_model={self.d_model} (or set head_dim)")
+        kv = self.kv_heads
+        if kv <= 0 or self.n_heads % kv:
+            raise ValueError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def mlp_width(self) -> int:
+        return self.mlp_hidden or 64 * -(-(8 * self.d_model // 3) // 64)
+
+    def replace(self, **changes) -> "ModelConfig":
+        if "plan" in changes:
+            changes.setdefault("layers", ())
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "layers"}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)} - {"layers"}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"model config: unknown fields {unknown}; allowed: {sorted(known)}")
+        return cls(**d)
+
+
+# Named presets. `tiny` trains on a 2-core CPU in minutes; `gpt2-small` is the 124M GPT-2 shape.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=256),
+    "small": dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, max_seq_len=1024),
+    "gpt2-small": dict(vocab_size=50304, d_model=768, n_layers=12, n_heads=12, n_kv_heads=4,
+                       mlp_hidden=2048, max_seq_len=1024),
+}
+
+
+def get_preset(name: str, **overrides) -> ModelConfig:
+    """A named preset with overrides; the plan defaults to GQA in every layer."""
+    if name not in PRESETS:
+        raise ValueError(f"preset={name!r} is not one of {', '.join(PRESETS)}")
+    fields = {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
+    return ModelConfig(**fields)

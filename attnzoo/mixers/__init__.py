@@ -1,0 +1,3 @@
+"""Built-in token mixers; importing this package registers them."""
+
+from attnzoo.mixers import gqa  # noqa: F401
