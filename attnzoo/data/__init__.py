@@ -1,0 +1,34 @@
+"""Data for attnzoo: tokenizers, text corpora, token datasets with (seed, step)-pure batches, synthetic tasks."""
+
+from __future__ import annotations
+
+import os
+
+from attnzoo.data.corpus import TextCorpus, stdlib_corpus, text_corpus
+from attnzoo.data.dataset import IGNORE_INDEX, ArrayDataset, TokenDataset, unigram_entropy
+from attnzoo.data.synthetic import mqar
+from attnzoo.data.tokenizers import BPETokenizer, ByteTokenizer, Tokenizer, load_tokenizer, make_tokenizer
+
+
+def load_text_dataset(data: str | list[str], tokenizer: Tokenizer, cache_dir: str | os.PathLike) -> TokenDataset:
+    """A cached TokenDataset of `data`: "stdlib" for the interpreter's standard library, else text sources."""
+    corpus = stdlib_corpus() if data == "stdlib" else text_corpus(data)
+    return TokenDataset.build(corpus, tokenizer, cache_dir)
+
+
+__all__ = [
+    "IGNORE_INDEX",
+    "ArrayDataset",
+    "BPETokenizer",
+    "ByteTokenizer",
+    "TextCorpus",
+    "TokenDataset",
+    "Tokenizer",
+    "load_text_dataset",
+    "load_tokenizer",
+    "make_tokenizer",
+    "mqar",
+    "stdlib_corpus",
+    "text_corpus",
+    "unigram_entropy",
+]

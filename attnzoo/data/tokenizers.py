@@ -1,0 +1,136 @@
+"""Tokenizers: exact byte-level ids (the default) and a byte-level BPE trained locally.
+
+Both round-trip any text exactly, carry the same three special tokens (<bos>, <eos>, <pad>), and save to a
+directory that `load_tokenizer` restores. `identity` names the exact vocabulary, so token caches can be keyed on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Iterable, Protocol
+
+import numpy as np
+import tokenizers
+
+KINDS = ("byte", "bpe")
+SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>")
+META_FILE = "tokenizer_meta.json"
+BPE_FILE = "tokenizer.json"
+
+
+class Tokenizer(Protocol):
+    """What the rest of attnzoo relies on."""
+
+    kind: str
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+    pad_id: int
+
+    @property
+    def identity(self) -> str: ...
+
+    def encode(self, text: str) -> np.ndarray: ...
+
+    def decode(self, ids) -> str: ...
+
+    def save(self, directory: str | os.PathLike) -> None: ...
+
+
+def _write_meta(directory: str | os.PathLike, kind: str, vocab_size: int) -> None:
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, META_FILE), "w") as f:
+        json.dump({"kind": kind, "vocab_size": vocab_size}, f)
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 0..255, then <bos>=256, <eos>=257, <pad>=258."""
+
+    kind = "byte"
+    vocab_size = 259
+    bos_id, eos_id, pad_id = 256, 257, 258
+    identity = "byte"
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
+
+    def decode(self, ids) -> str:
+        ids = np.asarray(ids).reshape(-1)
+        return bytes(ids[ids < 256].astype(np.uint8)).decode("utf-8", errors="replace")
+
+    def save(self, directory: str | os.PathLike) -> None:
+        _write_meta(directory, self.kind, self.vocab_size)
+
+    def __repr__(self) -> str:
+        return "ByteTokenizer()"
+
+
+class BPETokenizer:
+    """Byte-level BPE from the `tokenizers` library; special tokens take ids 0, 1, 2."""
+
+    kind = "bpe"
+
+    def __init__(self, backend: tokenizers.Tokenizer):
+        backend.encode_special_tokens = True  # a literal "<eos>" in the text is text, not the special token
+        self._backend = backend
+        self.vocab_size = backend.get_vocab_size()
+        self.bos_id, self.eos_id, self.pad_id = (backend.token_to_id(t) for t in SPECIAL_TOKENS)
+        self.identity = "bpe-" + hashlib.sha256(backend.to_str().encode()).hexdigest()[:16]
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2) -> BPETokenizer:
+        """Learn merges from an iterable of documents (streamed; any iterable of str works)."""
+        backend = tokenizers.Tokenizer(tokenizers.models.BPE())
+        backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = tokenizers.decoders.ByteLevel()
+        trainer = tokenizers.trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=list(SPECIAL_TOKENS),
+            initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        backend.train_from_iterator(texts, trainer)
+        return cls(backend)
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._backend.encode(text).ids, dtype=np.int32)
+
+    def decode(self, ids) -> str:
+        return self._backend.decode(np.asarray(ids).reshape(-1).tolist(), skip_special_tokens=True)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        _write_meta(directory, self.kind, self.vocab_size)
+        self._backend.save(os.path.join(directory, BPE_FILE))
+
+    def __repr__(self) -> str:
+        return f"BPETokenizer(vocab_size={self.vocab_size}, identity={self.identity!r})"
+
+
+def load_tokenizer(directory: str | os.PathLike) -> ByteTokenizer | BPETokenizer:
+    """Restore a tokenizer from what its `save(directory)` wrote."""
+    meta_path = os.path.join(directory, META_FILE)
+    if not os.path.exists(meta_path):
+        raise FileNotFoundError(f"tokenizer: no {META_FILE} in {os.fspath(directory)!r}; save a tokenizer there first")
+    with open(meta_path) as f:
+        kind = json.load(f)["kind"]
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "bpe":
+        return BPETokenizer(tokenizers.Tokenizer.from_file(os.path.join(directory, BPE_FILE)))
+    raise ValueError(f"tokenizer: {meta_path} names kind {kind!r}; expected one of {KINDS}")
+
+
+def make_tokenizer(
+    kind: str, train_texts: Iterable[str] | None = None, vocab_size: int = 4096, min_frequency: int = 2
+) -> ByteTokenizer | BPETokenizer:
+    """Build a tokenizer by kind: 'byte' needs nothing; 'bpe' trains on `train_texts`."""
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "bpe":
+        if train_texts is None:
+            raise ValueError("tokenizer: 'bpe' needs train_texts to learn its merges from")
+        return BPETokenizer.train(train_texts, vocab_size=vocab_size, min_frequency=min_frequency)
+    raise ValueError(f"tokenizer: unknown kind {kind!r}; allowed values are {', '.join(map(repr, KINDS))}")
