@@ -69,12 +69,13 @@ def _train(model, tokens, steps=5):
         ce = optax.softmax_cross_entropy_with_integer_labels(out.logits_BTV, tokens[:, 1:]).mean()
         return ce + out.aux_loss, (ce, out.aux_loss)
 
-    losses = []
-    for _ in range(steps):
+    @nnx.jit
+    def step(model, opt):
         (loss, _), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
         opt.update(model, grads)
-        losses.append(float(loss))
-    return losses
+        return loss
+
+    return [float(step(model, opt)) for _ in range(steps)]
 
 
 def test_shared_block_has_its_parameters_once_and_trains():
@@ -150,10 +151,12 @@ def test_window_reduces_attention_flops():
 # -- generation ------------------------------------------------------------------------------------------------
 
 def _greedy_by_full_forward(model, prompt, n):
+    """Greedy continuation by re-scoring the whole sequence each step (padding after it is invisible: causal)."""
+    forward = nnx.jit(lambda model, tokens: model(tokens).logits_BTV)
     seq = list(prompt)
     for _ in range(n):
-        logits = model(jnp.asarray([seq], jnp.int32)).logits_BTV[0, -1]
-        seq.append(int(jnp.argmax(logits)))
+        padded = jnp.zeros((1, len(prompt) + n), jnp.int32).at[0, : len(seq)].set(jnp.asarray(seq))
+        seq.append(int(jnp.argmax(forward(model, padded)[0, len(seq) - 1])))
     return seq[len(prompt):]
 
 
