@@ -151,6 +151,10 @@ class ModelConfig:
             raise ValueError(
                 f"plan: {format_plan(layers)!r} has {len(layers)} layers but n_layers={self.n_layers}; "
                 f"give exactly n_layers entries, e.g. '{layers[0].mixer}*{self.n_layers}'")
+        from attnzoo.registry import get_mixer  # late: the registry imports mixers, which import this module
+
+        for spec in layers:
+            get_mixer(spec.mixer)  # an unknown name fails here, listing the registered ones
         object.__setattr__(self, "layers", layers)
         object.__setattr__(self, "plan", format_plan(layers))
         for name, value, allowed in (("dtype", self.dtype, DTYPES), ("param_dtype", self.param_dtype, DTYPES),

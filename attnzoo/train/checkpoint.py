@@ -1,0 +1,149 @@
+"""Run directories and checkpoints: a thin wrapper over Orbax's V0 `CheckpointManager`.
+
+A run directory holds
+    run.json         the run's full configuration (model, training, data fingerprint, tokenizer)
+    checkpoints/<step>/{state, meta}   params + optimizer state (Orbax), and {step, seed, data position} (JSON)
+    metrics.jsonl, loss.png, sample.txt, tokenizer files   written by the trainer / CLI
+
+Orbax saves into `<step>.orbax-checkpoint-tmp*` and renames it only when complete, so a crash mid-save leaves
+a temporary directory that `latest_step` and `restore` never pick up.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from attnzoo.train.sharding import is_primary_process, sync_processes
+
+RUN_CONFIG_FILE = "run.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+class RunDirError(RuntimeError):
+    """The run directory cannot be used as requested (it already holds a run, or holds no run to resume)."""
+
+
+class ConfigMismatchError(ValueError):
+    """`--resume` was asked with a configuration that differs from the saved run's."""
+
+
+def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(config, dict):
+        flat: dict[str, Any] = {}
+        for key, value in config.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: config}
+
+
+def config_differences(saved: dict[str, Any], requested: dict[str, Any]) -> list[str]:
+    """One line per differing (dotted) field: 'field: saved X, requested Y'."""
+    saved_flat, requested_flat = _flatten(saved), _flatten(_json_roundtrip(requested))
+
+    def show(flat: dict[str, Any], key: str) -> str:
+        return repr(flat[key]) if key in flat else "<absent>"
+
+    return [f"{key}: saved {show(saved_flat, key)}, requested {show(requested_flat, key)}"
+            for key in sorted(set(saved_flat) | set(requested_flat))
+            if key not in saved_flat or key not in requested_flat or saved_flat[key] != requested_flat[key]]
+
+
+def _json_roundtrip(config: dict[str, Any]) -> dict[str, Any]:
+    """The config as run.json will hold it (tuples become lists, ...), so comparisons are like for like."""
+    return json.loads(json.dumps(config))
+
+
+def read_run_config(run_dir: str | Path) -> dict[str, Any]:
+    return json.loads((Path(run_dir) / RUN_CONFIG_FILE).read_text())
+
+
+def ensure_no_run(run_dir: str | Path) -> None:
+    """Raise RunDirError if `run_dir` exists and is not empty: an existing run is never overwritten."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise RunDirError(f"{run_dir} already holds a run (or other files); it will not be overwritten. "
+                          f"Pass --resume to continue it, or choose another --run-dir")
+
+
+def prepare_run_dir(run_dir: str | Path, run_config: dict[str, Any], resume: bool) -> Path:
+    """Validate `run_dir` for a fresh run or a resume, and (fresh only) create it and write run.json.
+
+    Fresh: the directory must not exist or be empty. Resume: run.json must exist and equal `run_config` field by
+    field. Nothing is written when a check fails; every process checks before process 0 writes.
+    """
+    run_dir = Path(run_dir)
+    config_file = run_dir / RUN_CONFIG_FILE
+    if resume:
+        if not config_file.exists():
+            raise RunDirError(f"--resume: {run_dir} holds no run ({RUN_CONFIG_FILE} not found); "
+                              f"drop --resume to start a fresh run there")
+        differences = config_differences(read_run_config(run_dir), run_config)
+        if differences:
+            raise ConfigMismatchError(
+                f"--resume: the requested configuration differs from the saved run in {config_file}:\n  "
+                + "\n  ".join(differences)
+                + "\nrerun with the saved settings, or start a fresh run in another --run-dir")
+        return run_dir
+    ensure_no_run(run_dir)
+    sync_processes("attnzoo: run dir checked")
+    if is_primary_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_file.write_text(json.dumps(run_config, indent=2, sort_keys=True) + "\n")
+    return run_dir
+
+
+def abstract_like(tree: Any) -> Any:
+    """Shape/dtype/sharding stand-ins for `tree`'s arrays: the restore target."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+class Checkpointer:
+    """Saves and restores {params, opt_state} plus {step, seed, data position} under `run_dir/checkpoints`.
+
+    Saves are asynchronous (training continues while the files are written); keeps the latest `keep`.
+    """
+
+    def __init__(self, run_dir: str | Path, keep: int):
+        self.directory = Path(run_dir).absolute() / CHECKPOINT_DIR
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+    def save(self, step: int, params: Any, opt_state: Any, seed: int) -> None:
+        """Checkpoint the state after `step` updates; the next batch to train on is batch index `step`."""
+        self._manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave({"params": params, "opt_state": opt_state}),
+            meta=ocp.args.JsonSave({"step": step, "seed": seed, "data_position": step})))
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def restore(self, params_like: Any, opt_state_like: Any, step: int | None = None) -> tuple[Any, Any, dict]:
+        """(params, opt_state, meta) of `step` (default: the latest), shaped and sharded like the given trees."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        target = {"params": abstract_like(params_like), "opt_state": abstract_like(opt_state_like)}
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        return restored["state"]["params"], restored["state"]["opt_state"], restored["meta"]
+
+    def wait(self) -> None:
+        """Block until pending saves are on disk (raises if one failed)."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

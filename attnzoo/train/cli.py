@@ -1,0 +1,172 @@
+"""`attnzoo-train`: train a decoder LM from a preset and a layer plan on local text, resumable.
+
+    attnzoo-train --preset tiny                                  # stdlib Python sources, byte tokens
+    attnzoo-train --preset tiny --plan "gqa*3,mqa" --data notes/ --tokenizer bpe --bpe-vocab 2048
+    attnzoo-train --run-dir runs/x --resume                      # continue a run (same settings)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+from flax import nnx
+
+from attnzoo.config import PRESETS, get_preset
+from attnzoo.data import TokenDataset, load_tokenizer, make_tokenizer, stdlib_corpus, text_corpus, unigram_entropy
+from attnzoo.data.corpus import DATA_HELP
+from attnzoo.model import LanguageModel
+from attnzoo.train.checkpoint import ConfigMismatchError, RunDirError, ensure_no_run
+from attnzoo.train.optim import PARALLELISMS, TrainConfig
+from attnzoo.train.sharding import maybe_initialize_distributed
+from attnzoo.train.trainer import TOKENIZER_DIR, train
+
+# Training defaults per preset. `tiny` is sized to finish on a 2-core CPU in a few minutes.
+PRESET_TRAINING: dict[str, TrainConfig] = {
+    "tiny": TrainConfig(steps=600, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=50, eval_every=100,
+                        eval_batches=10, ckpt_every=200, log_every=10),
+    "small": TrainConfig(steps=5000, batch_size=32, seq_len=512, lr=1e-3, warmup_steps=200, eval_every=250,
+                         ckpt_every=1000),
+    "gpt2-small": TrainConfig(steps=20000, batch_size=64, seq_len=1024, lr=6e-4, warmup_steps=1000,
+                              eval_every=500, ckpt_every=2000),
+}
+BPE_TRAINING_CHARS = 20_000_000  # the BPE tokenizer learns its merges from at most this much training text
+
+# argparse destination -> TrainConfig field, for the flags that override the preset's training defaults.
+TRAIN_FLAGS = {"steps": "steps", "batch_size": "batch_size", "seq_len": "seq_len", "lr": "lr",
+               "warmup": "warmup_steps", "weight_decay": "weight_decay", "grad_clip": "grad_clip",
+               "eval_every": "eval_every", "ckpt_every": "ckpt_every", "keep": "keep_checkpoints",
+               "seed": "seed", "parallelism": "parallelism"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="attnzoo-train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", help=f"model size: {', '.join(PRESETS)} (default tiny)")
+    p.add_argument("--plan", help="layer plan with one entry per layer of the preset, e.g. 'gqa*3,mqa' for tiny "
+                                  "(default: GQA in every layer)")
+    p.add_argument("--data", nargs="+", default=["stdlib"], help=f"training text; {DATA_HELP} (default stdlib)")
+    p.add_argument("--tokenizer", choices=("byte", "bpe"), default="byte")
+    p.add_argument("--bpe-vocab", type=int, default=4096, help="BPE vocabulary size (with --tokenizer bpe)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--warmup", type=int, help="warmup steps (default: the preset's, at most steps/10)")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--grad-clip", type=float, help="max global gradient norm (0: off)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="compute dtype; parameters and optimizer state stay float32")
+    p.add_argument("--parallelism", choices=PARALLELISMS, help="none, dp (data parallel) or fsdp (sharded)")
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--ckpt-every", type=int)
+    p.add_argument("--keep", type=int, help="checkpoints to keep")
+    p.add_argument("--run-dir", help="output directory (default runs/<preset>-<plan>-<timestamp>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its latest checkpoint")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--sample-tokens", type=int, default=200, help="tokens to generate at the end (0: none)")
+    p.add_argument("--prompt", help="prompt for the final sample (default 'def ' on stdlib, else a newline)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def cache_dir() -> Path:
+    """Where tokenized corpora are cached: $ATTNZOO_CACHE, else ~/.cache/attnzoo."""
+    return Path(os.environ.get("ATTNZOO_CACHE") or Path.home() / ".cache" / "attnzoo")
+
+
+def _default_run_dir(preset: str, plan: str) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{preset}-{plan}").strip("_")
+    return Path("runs") / f"{slug}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _bounded_texts(texts, max_chars: int):
+    for text in texts:
+        if max_chars <= 0:
+            return
+        yield text[:max_chars]
+        max_chars -= len(text)
+
+
+def _tokenizer(args, corpus, run_dir: Path):
+    """Resume: the run's saved tokenizer (run.json then checks it is the requested one). Fresh: bytes, or BPE
+    learned from the training split."""
+    if args.resume and (run_dir / TOKENIZER_DIR).exists():
+        return load_tokenizer(run_dir / TOKENIZER_DIR)
+    texts = _bounded_texts(corpus.iter_texts("train"), BPE_TRAINING_CHARS) if args.tokenizer == "bpe" else None
+    return make_tokenizer(args.tokenizer, texts, vocab_size=args.bpe_vocab)
+
+
+def _data_identity(args, corpus) -> dict:
+    """The data part of run.json: the corpus and the tokenizer as requested (`--resume` compares it)."""
+    identity = {"name": corpus.name, "fingerprint": corpus.fingerprint, "tokenizer": args.tokenizer}
+    if args.tokenizer == "bpe":
+        identity["bpe_vocab"] = args.bpe_vocab
+    return identity
+
+
+def _training_config(args) -> TrainConfig:
+    """The preset's training defaults with the flags' overrides; a shortened run shortens the warmup too."""
+    preset = PRESET_TRAINING.get(args.preset, TrainConfig())
+    overrides = {field: getattr(args, flag) for flag, field in TRAIN_FLAGS.items() if getattr(args, flag) is not None}
+    if args.steps is not None and args.warmup is None:
+        overrides["warmup_steps"] = min(preset.warmup_steps, args.steps // 10)
+    return preset.replace(**overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.resume and not args.run_dir:
+        parser.error("--resume needs --run-dir (the run to continue)")
+    maybe_initialize_distributed()
+    try:
+        shape = get_preset(args.preset, plan=args.plan)
+        training = _training_config(args)
+        run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(args.preset, shape.plan)
+        if not args.resume:
+            ensure_no_run(run_dir)  # fail before reading data; `train` checks again before writing
+        corpus = stdlib_corpus() if args.data == ["stdlib"] else text_corpus(args.data)
+        tokenizer = _tokenizer(args, corpus, run_dir)
+        model_config = shape.replace(vocab_size=tokenizer.vocab_size, dtype=args.dtype)
+        dataset = TokenDataset.build(corpus, tokenizer, cache_dir())
+        entropy = unigram_entropy(dataset, "val")
+    except (ValueError, FileNotFoundError, RunDirError) as error:
+        parser.exit(2, f"attnzoo-train: error: {error}\n")
+    model = LanguageModel(model_config, rngs=nnx.Rngs(training.seed))
+    print(f"model: preset {args.preset}, plan {model_config.plan}, compute {model_config.dtype}")
+    print(model.summary(training.seq_len).table())
+    print(f"data: {corpus.name} ({corpus.num_bytes():,} bytes), fingerprint {corpus.fingerprint[:16]}, "
+          f"tokenizer {tokenizer.identity} (vocab {tokenizer.vocab_size}), "
+          f"{dataset.num_tokens('train'):,} train / {dataset.num_tokens('val'):,} val tokens")
+    print(f"unigram entropy of the val split: {entropy:.4f} nats/token (the loss to beat)")
+    print(f"run dir: {run_dir}{' (resuming)' if args.resume else ''}")
+    prompt = args.prompt if args.prompt is not None else ("def " if args.data == ["stdlib"] else "\n")
+    try:
+        result = train(model, training, dataset, run_dir, resume=args.resume, tokenizer=tokenizer,
+                       data=_data_identity(args, corpus),
+                       sample_prompt=prompt, sample_tokens=args.sample_tokens, progress=not args.no_progress)
+    except (RunDirError, ConfigMismatchError) as error:
+        parser.exit(2, f"attnzoo-train: error: {error}\n")
+    except KeyboardInterrupt:
+        print(f"continue with: attnzoo-train --run-dir {run_dir} --resume (and the same settings)")
+        return 130
+    if result.val_loss is not None:
+        print(f"final val loss {result.val_loss:.4f} nats/token (unigram entropy {entropy:.4f}), "
+              f"perplexity {result.val_ppl:.2f}")
+    if result.tokens_per_s:
+        print(f"throughput: {result.tokens_per_s:,.0f} tokens/s")
+    if result.sample is not None:
+        print(f"sample:\n{result.sample}\n")
+    print(f"metrics: {result.metrics_path}")
+    if result.plot_path is not None:
+        print(f"loss plot: {result.plot_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
