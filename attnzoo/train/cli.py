@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = train(model, training, dataset, run_dir, resume=args.resume, tokenizer=tokenizer,
                        data=_data_identity(args, corpus),
-                       sample_prompt=prompt, sample_tokens=args.sample_tokens, progress=not args.no_progress)
+                       sample_prompt=prompt, sample_tokens=args.sample_tokens, progress=not args.no_progress,
+                       loss_baseline=entropy)
     except (RunDirError, ConfigMismatchError) as error:
         parser.exit(2, f"attnzoo-train: error: {error}\n")
     except KeyboardInterrupt:

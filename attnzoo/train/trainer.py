@@ -186,8 +186,9 @@ class MetricsLog:
         tmp.replace(self.path)
 
 
-def plot_losses(records: list[dict[str, Any]], path: str | Path) -> Path:
-    """Train loss and validation loss against step, saved as a PNG."""
+def plot_losses(records: list[dict[str, Any]], path: str | Path, baseline: float | None = None) -> Path:
+    """Train loss and validation loss against step, saved as a PNG; `baseline` (e.g. the unigram entropy, the
+    loss of a model that ignores context) is drawn as a horizontal line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -200,6 +201,8 @@ def plot_losses(records: list[dict[str, Any]], path: str | Path) -> Path:
         ax.plot(*zip(*train), label="train loss")
     if val:
         ax.plot(*zip(*val), "o-", label="val loss (cross-entropy)")
+    if baseline is not None:
+        ax.axhline(baseline, color="gray", linestyle="--", label=f"unigram entropy {baseline:.3f}")
     ax.set_xlabel("step")
     ax.set_ylabel("nats / token")
     ax.grid(alpha=0.3)
@@ -231,10 +234,12 @@ class Trainer:
 
     def __init__(self, model: nnx.Module, config: TrainConfig, dataset, run_dir: str | Path, *,
                  tokenizer=None, sample_prompt: str = "\n", sample_tokens: int = 200,
-                 sample_temperature: float = 0.8, echo: Callable[[str], None] = print, progress: bool = True):
+                 sample_temperature: float = 0.8, echo: Callable[[str], None] = print, progress: bool = True,
+                 loss_baseline: float | None = None):
         self.config, self.dataset, self.run_dir = config, dataset, Path(run_dir)
         self.tokenizer, self.sample_prompt, self.sample_tokens = tokenizer, sample_prompt, sample_tokens
         self.sample_temperature, self.echo, self.progress = sample_temperature, echo, progress
+        self.loss_baseline = loss_baseline
         self.placement = Placement.create(config.parallelism)
         self.optimizer = make_optimizer(config)
         self.graphdef, self.params, self.rest, self.opt_state = init_train_state(model, self.optimizer,
@@ -281,7 +286,8 @@ class Trainer:
         """
         cfg = self.config
         until = cfg.steps if until is None else min(until, cfg.steps)
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", disable=not self.progress, dynamic_ncols=True)
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", dynamic_ncols=True,
+                   disable=not (self.progress and is_primary_process()))
         speed = _Throughput(cfg.tokens_per_step)
         last_eval: dict[str, float] | None = None
         with _DeferredInterrupt() as interrupt:
@@ -330,7 +336,7 @@ class Trainer:
         sample = self.write_sample() if finished else None
         plot = None
         if finished and is_primary_process():
-            plot = plot_losses(self.log.records(), self.run_dir / PLOT_FILE)
+            plot = plot_losses(self.log.records(), self.run_dir / PLOT_FILE, self.loss_baseline)
         last_eval = last_eval or {}
         return TrainResult(self.step, last_eval.get("val_loss"), last_eval.get("val_ppl"), tokens_per_s, sample,
                            self.log.path, plot)
