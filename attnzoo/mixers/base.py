@@ -4,7 +4,8 @@ A mixer is an `nnx.Module` registered by name with
 
     __init__(self, config: ModelConfig, spec: LayerSpec, *, shared: SharedParams, rngs: nnx.Rngs)
     __call__(self, x_BTD, ctx: ForwardContext, cache=None) -> MixerOutput
-    init_cache(self, batch: int, max_len: int) -> cache pytree      (decode state of this mixer kind)
+    init_cache(self, batch: int, max_len: int) -> cache pytree      (decode state of this mixer kind; it exposes
+                                                                     `lengths_B`, the tokens seen per sequence)
     flops_per_token(self, seq_len: int) -> int                       (forward FLOPs, averaged over seq_len)
     cache_bytes_per_token(self) -> int                               (decode-cache growth per token)
 
