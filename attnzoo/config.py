@@ -143,7 +143,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     attn_implementation: str = "auto"  # "auto" | "xla" | "cudnn" | "pallas"
     plan: Any = None  # str or sequence of specs, resolved into `layers`; None: GQA in every layer
-    layers: tuple[LayerSpec, ...] = dataclasses.field(default=(), compare=False, repr=False)
+    layers: tuple[LayerSpec, ...] = dataclasses.field(init=False, compare=False, repr=False)
 
     def __post_init__(self):
         layers = parse_plan(f"gqa*{self.n_layers}" if self.plan is None else self.plan)
@@ -184,17 +184,14 @@ class ModelConfig:
         return self.mlp_hidden or 64 * -(-(8 * self.d_model // 3) // 64)
 
     def replace(self, **changes) -> "ModelConfig":
-        if "plan" in changes:
-            changes.setdefault("layers", ())
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "layers"}
-        return d
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)} - {"layers"}
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"model config: unknown fields {unknown}; allowed: {sorted(known)}")
