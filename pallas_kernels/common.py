@@ -26,6 +26,16 @@ def on_gpu() -> bool:
     return jax.default_backend() == "gpu"
 
 
+# The Pallas kernels pass every CPU check (interpret mode, CUDA cross-lowering) but have not yet been compiled and
+# timed on a real GPU (experiments/gpu_checks.sh). Until a GPU run sets this True, "auto" keeps to cuDNN / XLA on
+# GPU and the kernels are an explicit opt-in (implementation="pallas").
+PALLAS_IN_AUTO = False
+
+
+def auto_uses_pallas() -> bool:
+    return PALLAS_IN_AUTO and on_gpu()
+
+
 def default_interpret() -> bool:
     """Pallas kernels run in interpret mode off GPU, so `implementation="pallas"` works everywhere."""
     return not on_gpu()

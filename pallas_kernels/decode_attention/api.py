@@ -7,7 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.common import check_implementation, default_interpret, on_gpu
+from pallas_kernels.common import auto_uses_pallas, check_implementation, default_interpret
 from pallas_kernels.decode_attention.pallas_triton import decode_attention_pallas
 from pallas_kernels.decode_attention.reference import decode_attention_reference
 
@@ -54,14 +54,15 @@ def decode_attention(q_BTHD, k_cache_BSKD, v_cache_BSKE, lengths_B, *, scale: fl
     j > p - sliding_window when a window is given; entries at j >= lengths are never read into the output.
 
     implementation: "pallas" (split-K Flash-Decoding kernel, interpreted off GPU), "xla" (the float32 reference),
-    "auto" (pallas on GPU, xla elsewhere). num_splits / block_k override the kernel's heuristics.
+    "auto" (xla; pallas on GPU once verified there, see `common.PALLAS_IN_AUTO`). num_splits / block_k override
+    the kernel's heuristics.
     """
     check_implementation(implementation)
     if implementation == "cudnn":
         raise ValueError("implementation='cudnn' is not available for decode attention; use 'auto', 'pallas' "
                          "or 'xla'")
     _validate(q_BTHD, k_cache_BSKD, v_cache_BSKE, lengths_B, sliding_window, logits_soft_cap, num_splits, block_k)
-    use_pallas = implementation == "pallas" or (implementation == "auto" and on_gpu())
+    use_pallas = implementation == "pallas" or (implementation == "auto" and auto_uses_pallas())
     return _decode(q_BTHD, k_cache_BSKD, v_cache_BSKE, lengths_B,
                    scale=q_BTHD.shape[-1] ** -0.5 if scale is None else float(scale), sliding_window=sliding_window,
                    logits_soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
