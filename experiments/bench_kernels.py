@@ -2,6 +2,9 @@
 
 Flash attention (bf16, layout [B, S, H, D]), forward and forward+backward (jax.value_and_grad of sum(out * dO)):
   attnzoo_pallas  pallas_kernels.flash_attention(..., implementation="pallas")
+  attnzoo_mosaic  the same with backend="mosaic_gpu": FA3-style Mosaic GPU forward, Triton backward (n/a where it
+                  would fall back to Triton: Dv != Dqk, head dims other than 64/128/256); attnzoo_mosaic_psmem:
+                  its interpreter-tested variant (P staged through SMEM, fresh P V accumulator added to O)
   cudnn, xla      jax.nn.dot_product_attention(implementation=...)      (cuDNN has no Dv != Dqk: n/a for MLA;
                                                                          xla gets V zero-padded to Dqk there)
   jax_pallas_mha  jax.experimental.pallas.ops.gpu.attention.mha          (K/V heads repeated for GQA)
@@ -116,6 +119,22 @@ def flash_implementations(smoke: bool) -> dict[str, Callable[[FlashCase], Callab
         from pallas_kernels import flash_attention
         return lambda q, k, v: flash_attention(q, k, v, causal=case.causal, implementation="pallas")
 
+    def attnzoo_mosaic(interpreter_path: bool = False):
+        def make(case):
+            from pallas_kernels.flash_attention import pallas_mosaic_gpu
+            if case.dqk != case.dv or case.dqk not in pallas_mosaic_gpu.HEAD_DIMS:
+                raise NotApplicable("Mosaic GPU forward needs Dv == Dqk in (64, 128, 256) (else Triton runs)")
+            if smoke and (os.cpu_count() or 1) < 4:
+                raise NotApplicable("Mosaic GPU interpreter can deadlock on < 4 host cores")
+            if interpreter_path:
+                return lambda q, k, v: pallas_mosaic_gpu.flash_attention_mosaic_gpu(
+                    q, k, v, causal=case.causal, scale=case.dqk ** -0.5, interpret=smoke, p_in_smem=True,
+                    acc_in_place=False)[0]
+            from pallas_kernels import flash_attention
+            return lambda q, k, v: flash_attention(q, k, v, causal=case.causal, implementation="pallas",
+                                                   backend="mosaic_gpu")
+        return make
+
     def jax_nn(implementation):
         def make(case):
             if implementation == "cudnn" and smoke:
@@ -152,9 +171,10 @@ def flash_implementations(smoke: bool) -> dict[str, Callable[[FlashCase], Callab
         return make
 
     # In priority order: when a case runs out of its share of the budget, the last ones are skipped.
-    return {"attnzoo_pallas": attnzoo, "cudnn": jax_nn("cudnn"), "jax_pallas_mha": jax_pallas_mha,
-            "tokamax_mosaic": tokamax_impl("mosaic"), "tokamax_triton": tokamax_impl("triton"),
-            "xla": jax_nn("xla")}
+    return {"attnzoo_pallas": attnzoo, "attnzoo_mosaic": attnzoo_mosaic(), "cudnn": jax_nn("cudnn"),
+            "jax_pallas_mha": jax_pallas_mha, "tokamax_mosaic": tokamax_impl("mosaic"),
+            "tokamax_triton": tokamax_impl("triton"), "xla": jax_nn("xla"),
+            "attnzoo_mosaic_psmem": attnzoo_mosaic(interpreter_path=True)}
 
 
 def decode_implementations(smoke: bool) -> dict[str, Callable[[DecodeCase], Callable]]:

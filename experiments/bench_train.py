@@ -135,7 +135,7 @@ def main(argv=None):
         except Exception as err:  # noqa: BLE001  (a failing row is reported, the others still run)
             rows.append(dict(name="error", error=f"{type(err).__name__}: {err}"[:500]))
     print(json.dumps(rows[0]))
-    print(f"\n| run | params (M) | step (ms) | tokens/s | model TFLOP/s | MFU vs measured matmul |")
+    print("\n| run | params (M) | step (ms) | tokens/s | model TFLOP/s | MFU vs measured matmul |")
     print("|---|---|---|---|---|---|")
     for r in rows[1:]:
         if "error" in r:

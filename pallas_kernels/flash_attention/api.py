@@ -7,17 +7,19 @@ import math
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.common import check_implementation, default_interpret, on_gpu
+from pallas_kernels.common import auto_uses_pallas, check_implementation, default_interpret, on_gpu
+from pallas_kernels.flash_attention import pallas_mosaic_gpu
 from pallas_kernels.flash_attention.pallas_triton import flash_attention_pallas
 from pallas_kernels.flash_attention.reference import flash_attention_reference
 
 _FLOAT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+BACKENDS = ("triton", "mosaic_gpu")
 
 
 def flash_attention(q, k, v, *, causal: bool = False, sliding_window: int | None = None, segment_ids=None,
                     scale: float | None = None, logits_soft_cap: float | None = None, gate=None,
                     return_lse: bool = False, implementation: str = "auto", block_q: int | None = None,
-                    block_k: int | None = None, interpret: bool | None = None):
+                    block_k: int | None = None, interpret: bool | None = None, backend: str = "triton"):
     """Softmax attention, FlashAttention-2 style (https://arxiv.org/abs/2307.08691), differentiable.
 
     Args:
@@ -32,22 +34,32 @@ def flash_attention(q, k, v, *, causal: bool = False, sliding_window: int | None
       return_lse: also return lse [B, Hq, T] float32, the natural-log log-sum-exp of the scaled, capped, masked
         logits, so attention over disjoint key sets merges exactly.
       implementation: "pallas" (the Triton kernel; interpreted off GPU), "cudnn" (jax.nn.dot_product_attention),
-        "xla" (the reference, materialises the logits), or "auto": cuDNN where it applies on a GPU, else Pallas;
-        XLA off GPU.
-      block_q, block_k: override the kernel tiles (powers of 2, >= 16) of every Pallas kernel.
+        "xla" (the reference, materialises the logits), or "auto": cuDNN where it applies on a GPU, else XLA
+        (Pallas once the kernels are verified on a GPU, see `common.PALLAS_IN_AUTO`); XLA off GPU.
+      block_q, block_k: override the kernel tiles (powers of 2, >= 16) of every Pallas kernel; with
+        backend="mosaic_gpu" they set its forward tiles (multiples of 64; block_q is per consumer warpgroup).
       interpret: Pallas interpret mode; default: off GPU.
+      backend: the Pallas kernel family behind "pallas" (and "auto" when it picks Pallas): "triton" (portable
+        FlashAttention-2 kernels) or "mosaic_gpu" (Hopper FA3-style forward, Triton backward; calls it can't take
+        -- sliding window, segment ids, soft cap, gate, fp32, head dims other than 64/128/256, Dv != Dqk -- run
+        the Triton kernels). Off GPU both run in their interpreters.
 
     Returns:
       out [B, T, Hq, Dv] in q.dtype, or (out, lse) with `return_lse`.
     """
     check_implementation(implementation)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {', '.join(map(repr, BACKENDS))}")
     _check_inputs(q, k, v, causal=causal, sliding_window=sliding_window, segment_ids=segment_ids,
                   logits_soft_cap=logits_soft_cap, gate=gate, block_q=block_q, block_k=block_k)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     cudnn_problem = _cudnn_problem(q, v, segment_ids=segment_ids, logits_soft_cap=logits_soft_cap,
                                    return_lse=return_lse)
     if implementation == "auto":
-        implementation = ("pallas" if cudnn_problem else "cudnn") if on_gpu() else "xla"
+        if on_gpu() and not cudnn_problem:
+            implementation = "cudnn"
+        else:
+            implementation = "pallas" if auto_uses_pallas() else "xla"
 
     if implementation == "xla":
         return flash_attention_reference(q, k, v, causal=causal, sliding_window=sliding_window,
@@ -64,10 +76,16 @@ def flash_attention(q, k, v, *, causal: bool = False, sliding_window: int | None
         # The gate is an elementwise epilogue XLA fuses; cuDNN has no slot for it.
         return out if gate is None else (out * gate[..., None]).astype(q.dtype)
 
+    interpret = default_interpret() if interpret is None else interpret
+    if backend == "mosaic_gpu" and pallas_mosaic_gpu.unsupported_reason(
+            q, k, v, sliding_window=sliding_window, segment_ids=segment_ids, logits_soft_cap=logits_soft_cap,
+            gate=gate) is None:
+        out, lse = pallas_mosaic_gpu.flash_attention_mosaic_gpu(
+            q, k, v, causal=causal, scale=scale, block_q=block_q, block_k=block_k, interpret=interpret)
+        return (out, lse) if return_lse else out
     out, lse = flash_attention_pallas(
         q, k, v, gate_BTH=gate, segment_ids_BT=segment_ids, causal=causal, sliding_window=sliding_window,
-        scale=scale, logits_soft_cap=logits_soft_cap, block_q=block_q, block_k=block_k,
-        interpret=default_interpret() if interpret is None else interpret)
+        scale=scale, logits_soft_cap=logits_soft_cap, block_q=block_q, block_k=block_k, interpret=interpret)
     return (out, lse) if return_lse else out
 
 

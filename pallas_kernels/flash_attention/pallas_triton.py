@@ -352,7 +352,9 @@ def _attention_fwd(q, k, v, gate, seg, cfg: Config):
     return (out, lse), (q, k, v, gate, seg, out if gate is None else o_ungated, lse)
 
 
-def _attention_bwd(cfg: Config, res, cotangents):
+def attention_backward(cfg: Config, res, cotangents):
+    """The VJP of `_attention` (also serves the Mosaic GPU forward, which saves the same residuals):
+    res = (q, k, v, gate, seg, ungated out, lse) on padded arrays; returns (dq, dk, dv, dgate, None)."""
     q, k, v, gate, seg, o_ungated, lse_BHT = res
     d_out, d_lse_BHT = cotangents
     # rowsum(dOut * O): with a gate this is dgate, and delta = rowsum(gate*dOut * O) = gate * dgate.
@@ -367,10 +369,31 @@ def _attention_bwd(cfg: Config, res, cotangents):
     return dq, dk, dv, dgate, None
 
 
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention.defvjp(_attention_fwd, attention_backward)
 
 
-def _pad_axis(x, axis: int, size: int, value=0):
+def make_config(q_shape, k_shape, dv: int, *, causal: bool, sliding_window: int | None, scale: float,
+                logits_soft_cap: float | None, block_q: int | None, block_k: int | None, interpret: bool,
+                seq_multiple: tuple[int, int] = (1, 1)):
+    """Config of one call plus its padded sizes (t_pad, s_pad, dqk_pad, dv_pad). `seq_multiple` = (q, k): extra
+    power-of-2 multiples the padded sequences must also meet (another forward kernel's tiles)."""
+    _, t, hq, dqk = q_shape
+    s, hkv = k_shape[1], k_shape[2]
+    dqk_pad, dv_pad = round_up(dqk, 16), round_up(dv, 16)
+    fit_q, fit_k = max(16, next_power_of_2(t)), max(16, next_power_of_2(s))
+    blocks = [(block_q or min(bq, fit_q), block_k or min(bk, fit_k))
+              for bq, bk in default_blocks(max(dqk_pad, dv_pad))]
+    t_pad = round_up(t, max(seq_multiple[0], *(bq for bq, _ in blocks)))
+    s_pad = round_up(s, max(seq_multiple[1], *(bk for _, bk in blocks)))
+    cfg = Config(scale=scale, causal=causal, window=sliding_window, soft_cap=logits_soft_cap, seq_k=s,
+                 seq_k_padded=s_pad, group=hq // hkv, fwd_blocks=blocks[0], dq_blocks=blocks[1],
+                 dkv_blocks=blocks[2], num_warps=4 if max(dqk_pad, dv_pad) <= 64 else 8, num_stages=2,
+                 interpret=interpret)
+    return cfg, t_pad, s_pad, dqk_pad, dv_pad
+
+
+def pad_axis(x, axis: int, size: int, value=0):
+    """x zero-padded (or `value`-padded) at the end of `axis` to `size`."""
     if x.shape[axis] == size:
         return x
     widths = [(0, 0)] * x.ndim
@@ -383,22 +406,15 @@ def flash_attention_pallas(q_BTHD, k_BSKD, v_BSKE, *, gate_BTH=None, segment_ids
                            block_q: int | None, block_k: int | None, interpret: bool):
     """Pads to the kernels' tile rules, runs the custom-VJP kernels, and slices back: (out [B,T,Hq,Dv],
     lse [B,Hq,T] f32). Inputs are assumed validated (see api.flash_attention)."""
-    _, t, hq, dqk = q_BTHD.shape
-    s, hkv, dv = k_BSKD.shape[1], k_BSKD.shape[2], v_BSKE.shape[3]
-    dqk_pad, dv_pad = round_up(dqk, 16), round_up(dv, 16)
-    fit_q, fit_k = max(16, next_power_of_2(t)), max(16, next_power_of_2(s))
-    blocks = [(block_q or min(bq, fit_q), block_k or min(bk, fit_k))
-              for bq, bk in default_blocks(max(dqk_pad, dv_pad))]
-    t_pad = round_up(t, max(bq for bq, _ in blocks))
-    s_pad = round_up(s, max(bk for _, bk in blocks))
-    cfg = Config(scale=scale, causal=causal, window=sliding_window, soft_cap=logits_soft_cap, seq_k=s,
-                 seq_k_padded=s_pad, group=hq // hkv, fwd_blocks=blocks[0], dq_blocks=blocks[1],
-                 dkv_blocks=blocks[2], num_warps=4 if max(dqk_pad, dv_pad) <= 64 else 8, num_stages=2,
-                 interpret=interpret)
-    q = _pad_axis(_pad_axis(q_BTHD, 3, dqk_pad), 1, t_pad)
-    k = _pad_axis(_pad_axis(k_BSKD, 3, dqk_pad), 1, s_pad)
-    v = _pad_axis(_pad_axis(v_BSKE, 3, dv_pad), 1, s_pad)
-    gate = None if gate_BTH is None else _pad_axis(gate_BTH, 1, t_pad)
-    seg = None if segment_ids_BT is None else _pad_axis(segment_ids_BT.astype(jnp.int32), 1, max(t_pad, s_pad), -1)
+    _, t, _, dqk = q_BTHD.shape
+    dv = v_BSKE.shape[3]
+    cfg, t_pad, s_pad, dqk_pad, dv_pad = make_config(
+        q_BTHD.shape, k_BSKD.shape, dv, causal=causal, sliding_window=sliding_window, scale=scale,
+        logits_soft_cap=logits_soft_cap, block_q=block_q, block_k=block_k, interpret=interpret)
+    q = pad_axis(pad_axis(q_BTHD, 3, dqk_pad), 1, t_pad)
+    k = pad_axis(pad_axis(k_BSKD, 3, dqk_pad), 1, s_pad)
+    v = pad_axis(pad_axis(v_BSKE, 3, dv_pad), 1, s_pad)
+    gate = None if gate_BTH is None else pad_axis(gate_BTH, 1, t_pad)
+    seg = None if segment_ids_BT is None else pad_axis(segment_ids_BT.astype(jnp.int32), 1, max(t_pad, s_pad), -1)
     out, lse = _attention(q, k, v, gate, seg, cfg)
     return out[:, :t, :, :dv], lse[:, :, :t]
