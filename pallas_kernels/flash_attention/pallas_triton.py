@@ -262,12 +262,24 @@ def _compiler_params(cfg: Config):
     return plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
+def _per_query_block_specs(q_BTHD, k_BSKD, v_BSKE, gate_BTH, seg_BL, block_q: int, group: int) -> list:
+    """In-specs of the kernels gridded over (q block i, batch b, q head h): q's block, all of its kv head's K and V
+    (GQA through the index map), segment ids and the gate's block."""
+    dqk, s, dv = q_BTHD.shape[3], k_BSKD.shape[1], v_BSKE.shape[3]
+    return [
+        pl.BlockSpec((None, block_q, None, dqk), lambda i, b, h: (b, i, h, 0)),
+        pl.BlockSpec((None, s, None, dqk), lambda i, b, h: (b, 0, h // group, 0)),
+        pl.BlockSpec((None, s, None, dv), lambda i, b, h: (b, 0, h // group, 0)),
+        None if seg_BL is None else pl.BlockSpec((None, seg_BL.shape[1]), lambda i, b, h: (b, 0)),
+        None if gate_BTH is None else pl.BlockSpec((None, block_q, None), lambda i, b, h: (b, i, h)),
+    ]
+
+
 def forward(q_BTHD, k_BSKD, v_BSKE, gate_BTH, seg_BL, cfg: Config, *, save_ungated: bool):
     """Forward kernel on padded arrays: (out [B,T,Hq,Dv], lse [B,Hq,T] f32, ungated out or None)."""
-    b, t, hq, dqk = q_BTHD.shape
-    s, dv = k_BSKD.shape[1], v_BSKE.shape[3]
+    b, t, hq, _ = q_BTHD.shape
+    dv = v_BSKE.shape[3]
     block_q, _ = cfg.fwd_blocks
-    g = cfg.group
     out_shape = [jax.ShapeDtypeStruct((b, t, hq, dv), q_BTHD.dtype), jax.ShapeDtypeStruct((b, hq, t), jnp.float32)]
     o_spec = pl.BlockSpec((None, block_q, None, dv), lambda i, b, h: (b, i, h, 0))
     out_specs = [o_spec, pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, i))]
@@ -277,13 +289,7 @@ def forward(q_BTHD, k_BSKD, v_BSKE, gate_BTH, seg_BL, cfg: Config, *, save_ungat
     outs = pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg),
         grid=(t // block_q, b, hq),
-        in_specs=[
-            pl.BlockSpec((None, block_q, None, dqk), lambda i, b, h: (b, i, h, 0)),
-            pl.BlockSpec((None, s, None, dqk), lambda i, b, h: (b, 0, h // g, 0)),
-            pl.BlockSpec((None, s, None, dv), lambda i, b, h: (b, 0, h // g, 0)),
-            None if seg_BL is None else pl.BlockSpec((None, seg_BL.shape[1]), lambda i, b, h: (b, 0)),
-            None if gate_BTH is None else pl.BlockSpec((None, block_q, None), lambda i, b, h: (b, i, h)),
-        ],
+        in_specs=_per_query_block_specs(q_BTHD, k_BSKD, v_BSKE, gate_BTH, seg_BL, block_q, cfg.group),
         out_specs=out_specs, out_shape=out_shape, compiler_params=_compiler_params(cfg),
         interpret=cfg.interpret, name="flash_fwd",
     )(q_BTHD, k_BSKD, v_BSKE, seg_BL, gate_BTH)
@@ -292,19 +298,14 @@ def forward(q_BTHD, k_BSKD, v_BSKE, gate_BTH, seg_BL, cfg: Config, *, save_ungat
 
 def backward_dq(q_BTHD, k_BSKD, v_BSKE, gate_BTH, seg_BL, do_BTHE, lse_BHT, delta_BHT, cfg: Config):
     b, t, hq, dqk = q_BTHD.shape
-    s, dv = k_BSKD.shape[1], v_BSKE.shape[3]
+    dv = v_BSKE.shape[3]
     block_q, _ = cfg.dq_blocks
-    g = cfg.group
     row_spec = pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, i))
     return pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg),
         grid=(t // block_q, b, hq),
         in_specs=[
-            pl.BlockSpec((None, block_q, None, dqk), lambda i, b, h: (b, i, h, 0)),
-            pl.BlockSpec((None, s, None, dqk), lambda i, b, h: (b, 0, h // g, 0)),
-            pl.BlockSpec((None, s, None, dv), lambda i, b, h: (b, 0, h // g, 0)),
-            None if seg_BL is None else pl.BlockSpec((None, seg_BL.shape[1]), lambda i, b, h: (b, 0)),
-            None if gate_BTH is None else pl.BlockSpec((None, block_q, None), lambda i, b, h: (b, i, h)),
+            *_per_query_block_specs(q_BTHD, k_BSKD, v_BSKE, gate_BTH, seg_BL, block_q, cfg.group),
             pl.BlockSpec((None, block_q, None, dv), lambda i, b, h: (b, i, h, 0)),
             row_spec, row_spec,
         ],
