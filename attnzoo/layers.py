@@ -7,10 +7,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 
-def dtype_of(name: str) -> jnp.dtype:
-    return jnp.dtype(name)
-
-
 class RMSNorm(nnx.Module):
     """y = x / rms(x) * scale, computed in float32 (arXiv 1910.07467)."""
 

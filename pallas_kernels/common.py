@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
 
-Implementation = Literal["auto", "pallas", "xla", "cudnn"]
 IMPLEMENTATIONS = ("auto", "pallas", "xla", "cudnn")
 
 # Finite so that fully masked rows give exp(MASK - m) = 0 instead of NaN.
