@@ -1,4 +1,8 @@
-"""Decode caches, one kind per mixer family. Each is a pytree carried through prefill and decode steps."""
+"""What every decode cache shares: the model's decode state and the per-sequence write into a cache buffer.
+
+Each mixer's own cache class lives in its mixer's file; the model keeps the per-sequence lengths and the capacity,
+so a recurrent cache holds only its state.
+"""
 
 from __future__ import annotations
 
@@ -6,32 +10,38 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class KVCache:
-    """Keys and values of every past token; `lengths_B` counts the valid entries of each sequence."""
+class DecodeState:
+    """The caches of every layer, the tokens each sequence holds, and how many it may hold (`init_caches`)."""
 
-    k_BSHD: jax.Array
-    v_BSHD: jax.Array
-    lengths_B: jax.Array
+    layers: tuple  # one cache per layer (a shared block still has one per depth)
+    lengths_B: jax.Array  # int32, tokens seen per sequence
+    capacity: int = dataclasses.field(metadata=dict(static=True))
 
-    @classmethod
-    def empty(cls, batch: int, max_len: int, kv_heads: int, k_dim: int, v_dim: int, dtype) -> "KVCache":
-        return cls(jnp.zeros((batch, max_len, kv_heads, k_dim), dtype),
-                   jnp.zeros((batch, max_len, kv_heads, v_dim), dtype),
-                   jnp.zeros((batch,), jnp.int32))
 
-    def prefill(self, k_BTHD, v_BTHD, lengths_B) -> "KVCache":
-        """Write right-padded prompts at positions 0..T-1; entries at or past `lengths_B` are ignored later."""
-        k = jax.lax.dynamic_update_slice(self.k_BSHD, k_BTHD.astype(self.k_BSHD.dtype), (0, 0, 0, 0))
-        v = jax.lax.dynamic_update_slice(self.v_BSHD, v_BTHD.astype(self.v_BSHD.dtype), (0, 0, 0, 0))
-        return KVCache(k, v, lengths_B.astype(jnp.int32))
+def write_at(buffer_BS, new_BT, at_B):
+    """`buffer_BS` with `new_BT` written along axis 1 at each sequence's own offset `at_B`."""
+    write = jax.vmap(lambda buf, new, at: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), at, 0))
+    return write(buffer_BS, new_BT, at_B)
 
-    def append(self, k_BTHD, v_BTHD) -> "KVCache":
-        """Append T new tokens at each sequence's own length."""
-        write = jax.vmap(lambda buf, new, at: jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (at, 0, 0)))
-        t = k_BTHD.shape[1]
-        return KVCache(write(self.k_BSHD, k_BTHD, self.lengths_B), write(self.v_BSHD, v_BTHD, self.lengths_B),
-                       self.lengths_B + t)
+
+def ensure_within_capacity(lengths_B: jax.Array, capacity: int) -> None:
+    """Raise when a sequence would hold more than `capacity` tokens (a cache write past its end would overwrite
+    the last slot and give silently wrong outputs). Concrete lengths raise ValueError at once; traced lengths raise
+    when the computation runs."""
+    message = (f"decode: a sequence would hold more than the cache capacity of {capacity} tokens; "
+               f"size the caches with init_caches(batch, max_len) for the whole generation")
+    if not isinstance(lengths_B, jax.core.Tracer):
+        if int(np.max(np.asarray(lengths_B))) > capacity:
+            raise ValueError(message)
+        return
+
+    def fail_if_over(over):
+        if over:
+            raise ValueError(message)
+
+    jax.debug.callback(fail_if_over, jnp.any(lengths_B > capacity))

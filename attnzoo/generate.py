@@ -34,7 +34,7 @@ def _generate(graphdef, state, tokens_BP, lengths_B, key, *, max_new_tokens, max
 
     def step(carry, _):
         caches, token_B, key = carry
-        out = model(token_B[:, None], caches=caches, mode="decode")
+        out = model(token_B[:, None], caches=caches, mode="decode", check_capacity=False)  # sized to fit
         key, sub = jax.random.split(key)
         return (out.caches, pick(out.logits_BTV[:, 0], sub), key), token_B
 

@@ -1,23 +1,25 @@
-"""A composable decoder-only LM (Flax NNX): embedding -> blocks (pre-norm mixer + SwiGLU) -> RMSNorm -> head.
+"""A composable decoder-only LM (Flax NNX): embedding -> blocks (pre-norm mixer, then an optional MLP) -> RMSNorm
+-> head.
 
-Each block's token mixer comes from the layer plan (`ModelConfig.plan`) through the registry, so a hybrid is
-just a plan. Layers that carry the same '@tag' in the plan are one Block object reused at several depths (its
-parameters exist once); mixers may also draw on `SharedParams` built once for the whole model.
+Each block's token mixer and layout come from the layer plan (`ModelConfig.plan`) through the registry, so a
+hybrid is just a plan. Layers that carry the same '@tag' in the plan are one Block object reused at several depths
+(its parameters exist once); mixers may also draw on `SharedParams` built once for the whole model.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from attnzoo.config import LayerSpec, ModelConfig
+from attnzoo.cache import DecodeState, ensure_within_capacity
+from attnzoo.config import BlockOptions, LayerSpec, ModelConfig
 from attnzoo.layers import RMSNorm, SwiGLU
-from attnzoo.mixers.base import ForwardContext, Mode, SharedParams
+from attnzoo.mixers.base import ForwardContext, Mixer, Mode, SharedParams
 from attnzoo.registry import get_mixer
 
 
@@ -25,34 +27,39 @@ class ModelOutput(NamedTuple):
     logits_BTV: jax.Array
     aux_loss: jax.Array  # sum of the mixers' weighted auxiliary losses
     metrics: dict[str, jax.Array]
-    caches: tuple | None = None
+    caches: DecodeState | None = None
 
 
 class Block(nnx.Module):
-    """x + mixer(norm(x)), then x + mlp(norm(x))."""
+    """x + mixer(norm(x)), then x + mlp(norm(x)) unless the block has no MLP."""
 
-    def __init__(self, config: ModelConfig, spec: LayerSpec, *, shared: SharedParams, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, spec: LayerSpec, options, block: BlockOptions, *,
+                 shared: SharedParams, rngs: nnx.Rngs):
         param_dtype, dtype = jnp.dtype(config.param_dtype), jnp.dtype(config.dtype)
         self.spec = spec
         self.mixer_norm = RMSNorm(config.d_model, eps=config.norm_eps, param_dtype=param_dtype)
-        self.mixer = get_mixer(spec.mixer).cls(config, spec, shared=shared, rngs=rngs)
-        self.mlp_norm = RMSNorm(config.d_model, eps=config.norm_eps, param_dtype=param_dtype)
-        self.mlp = SwiGLU(config.d_model, config.mlp_width, dtype=dtype, param_dtype=param_dtype,
-                          out_scale=1 / (2 * config.n_layers) ** 0.5, rngs=rngs)
+        self.mixer: Mixer = get_mixer(spec.mixer).cls(config, options, shared=shared, rngs=rngs)
+        has_mlp = block.mlp == "swiglu"
+        self.mlp_norm = RMSNorm(config.d_model, eps=config.norm_eps, param_dtype=param_dtype) if has_mlp else None
+        self.mlp = SwiGLU(config.d_model, block.mlp_hidden or config.mlp_width, dtype=dtype, param_dtype=param_dtype,
+                          out_scale=1 / (2 * config.n_layers) ** 0.5, rngs=rngs) if has_mlp else None
 
     def __call__(self, x_BTD, ctx: ForwardContext, cache=None):
         out = self.mixer(self.mixer_norm(x_BTD), ctx, cache)
         x_BTD = x_BTD + out.y_BTD
-        return x_BTD + self.mlp(self.mlp_norm(x_BTD)), out
+        if self.mlp is not None:
+            x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
+        return x_BTD, out
+
+    def flops_per_token(self, seq_len: int) -> int:
+        return self.mixer.flops_per_token(seq_len) + (0 if self.mlp is None else self.mlp.flops_per_token())
 
 
 def _build_shared(config: ModelConfig, rngs: nnx.Rngs) -> SharedParams:
     modules: dict[str, nnx.Module] = {}
-    for spec in config.layers:
-        make = getattr(get_mixer(spec.mixer).cls, "make_shared", None)
-        if make is not None:
-            for key, module in make(config, rngs).items():
-                modules.setdefault(key, module)
+    for spec, options in zip(config.layers, config.layer_options):
+        for key, module in get_mixer(spec.mixer).cls.make_shared(config, options, rngs).items():
+            modules.setdefault(key, module)
     return SharedParams(modules)
 
 
@@ -65,14 +72,11 @@ class LanguageModel(nnx.Module):
         self.shared = _build_shared(config, rngs)
         by_tag: dict[str, Block] = {}
         blocks = []
-        for spec in config.layers:
+        for spec, options, block_options in zip(config.layers, config.layer_options, config.block_options):
             if spec.share is not None and spec.share in by_tag:
-                if by_tag[spec.share].spec != spec:
-                    raise ValueError(f"plan: layers tagged @{spec.share} must be identical, got "
-                                     f"{by_tag[spec.share].spec} and {spec}")
-                blocks.append(by_tag[spec.share])
+                blocks.append(by_tag[spec.share])  # the config checked that tagged layers are identical
                 continue
-            block = Block(config, spec, shared=self.shared, rngs=rngs)
+            block = Block(config, spec, options, block_options, shared=self.shared, rngs=rngs)
             if spec.share is not None:
                 by_tag[spec.share] = block
             blocks.append(block)
@@ -83,48 +87,72 @@ class LanguageModel(nnx.Module):
             param_dtype=param_dtype, kernel_init=jax.nn.initializers.normal(0.02), rngs=rngs)
 
     # -- forward -------------------------------------------------------------------------------------------
-    def __call__(self, tokens_BT, *, segment_ids_BT=None, positions_BT=None, caches=None, lengths_B=None,
-                 mode: Mode = "full", skip_layers: tuple[int, ...] = (), extras: dict[str, Any] | None = None
-                 ) -> ModelOutput:
-        """mode="full" scores whole sequences; "prefill"/"decode" thread `caches` (see `init_caches`).
-        `skip_layers` drops those layers (evaluation with layers removed)."""
+    def __call__(self, tokens_BT, *, segment_ids_BT=None, positions_BT=None, caches: DecodeState | None = None,
+                 lengths_B=None, mode: Mode = "full", skip_layers: tuple[int, ...] = (), side_tokens_BS=None,
+                 check_capacity: bool = True) -> ModelOutput:
+        """Score `tokens_BT`.
+
+        mode="full" scores whole sequences. "prefill" fills the empty `caches` (from `init_caches`) with
+        right-padded prompts of `lengths_B` tokens (default: all T); "decode" appends T tokens to each sequence
+        and raises if a sequence would pass the caches' capacity (`check_capacity=False` skips that check where
+        the caller sized the caches, as `generate` does). The returned `caches` are the updated decode state.
+        `skip_layers` drops those layers (evaluation with layers removed). `side_tokens_BS` ([B or 1, S]) is a
+        second stream run through the same stack beside the batch; each mixer sees its hidden state as
+        `ctx.side_BSD`.
+        """
         b, t = tokens_BT.shape
+        if mode != "full" and caches is None:
+            raise ValueError(f"mode={mode!r} needs caches from model.init_caches(batch, max_len)")
+        if mode == "prefill":
+            if t > caches.capacity:
+                raise ValueError(f"prefill: {t} prompt tokens exceed the cache capacity {caches.capacity}")
+            lengths_B = jnp.full((b,), t, jnp.int32) if lengths_B is None else jnp.asarray(lengths_B, jnp.int32)
+            new_lengths_B = lengths_B
+        elif mode == "decode":
+            lengths_B = caches.lengths_B
+            new_lengths_B = lengths_B + t
+            if check_capacity:
+                ensure_within_capacity(new_lengths_B, caches.capacity)
         if positions_BT is None:
-            if mode == "decode":
-                positions_BT = self._cache_lengths(caches)[:, None] + jnp.arange(t)[None, :]
-            else:
-                positions_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
-        ctx = ForwardContext(mode, positions_BT, segment_ids_BT, lengths_B, dict(extras or {}))
+            start_B = lengths_B if mode == "decode" else jnp.zeros((b,), jnp.int32)
+            positions_BT = start_B[:, None] + jnp.arange(t)[None, :]
         x = self.embed(tokens_BT)
+        ctx = ForwardContext(mode, positions_BT, segment_ids_BT, lengths_B if mode != "full" else None,
+                             input_embeddings_BTD=x)
+        side, side_ctx = None, None
+        if side_tokens_BS is not None:
+            side = self.embed(side_tokens_BS)
+            side_positions = jnp.broadcast_to(jnp.arange(side.shape[1]), side.shape[:2])
+            side_ctx = ForwardContext("full", side_positions, input_embeddings_BTD=side)
         aux_loss, metrics, new_caches = jnp.zeros((), jnp.float32), {}, []
         for i, block in enumerate(self.blocks):
-            cache = None if caches is None else caches[i]
+            cache = None if caches is None else caches.layers[i]
             if i in skip_layers:
                 new_caches.append(cache)
                 continue
-            x, out = block(x, ctx, cache)
+            layer_ctx = ctx if side is None else dataclasses.replace(ctx, side_BSD=block.mixer_norm(side))
+            x, out = block(x, layer_ctx, cache)
+            if side is not None:
+                side, _ = block(side, side_ctx)
             new_caches.append(out.cache)
             aux_loss = aux_loss + out.aux_loss
             metrics.update({f"layer{i}/{k}": v for k, v in out.metrics.items()})
         logits = self._logits(self.final_norm(x))
-        return ModelOutput(logits, aux_loss, metrics, None if caches is None else tuple(new_caches))
+        state = None if caches is None else DecodeState(tuple(new_caches), new_lengths_B, caches.capacity)
+        return ModelOutput(logits, aux_loss, metrics, state)
 
     def _logits(self, h_BTD):
         if self.lm_head is not None:
             return self.lm_head(h_BTD).astype(jnp.float32)
         return self.embed.attend(h_BTD).astype(jnp.float32)
 
-    def init_caches(self, batch: int, max_len: int) -> tuple:
-        """One decode cache per layer (a shared block still keeps one cache per depth)."""
-        return tuple(block.mixer.init_cache(batch, max_len) for block in self.blocks)
-
-    @staticmethod
-    def _cache_lengths(caches) -> jax.Array:
-        for cache in caches:
-            lengths = getattr(cache, "lengths_B", None)
-            if lengths is not None:
-                return lengths
-        raise ValueError("decode: no cache carries lengths_B; pass positions_BT explicitly")
+    def init_caches(self, batch: int, max_len: int) -> DecodeState:
+        """Empty decode state for `batch` sequences of up to `max_len` tokens each (prompt + generated)."""
+        for i, block in enumerate(self.blocks):
+            if not block.mixer.supports.decode:
+                raise ValueError(f"layer {i} ({block.spec}) does not support cached decoding")
+        return DecodeState(tuple(block.mixer.init_cache(batch, max_len) for block in self.blocks),
+                           jnp.zeros((batch,), jnp.int32), max_len)
 
     # -- accounting ----------------------------------------------------------------------------------------
     def summary(self, seq_len: int | None = None) -> "Summary":
@@ -142,7 +170,10 @@ def _param_count(module: nnx.Module, exclude: dict[int, int] | None = None) -> i
 
 @dataclasses.dataclass(frozen=True)
 class Summary:
-    """Parameters per component (shared ones counted once), decode-cache bytes and forward FLOPs per token."""
+    """Parameters per component (shared ones counted once), decode-cache bytes and forward FLOPs per token.
+
+    FLOPs count 2 per multiply-add, with causal attention at the average context (halved), the convention of
+    FlashAttention and of shared/anchors' MFU figures (6N + causal-halved attention); PaLM counts it whole."""
 
     rows: tuple[tuple[str, int], ...]
     total_params: int
@@ -155,7 +186,9 @@ class Summary:
         lines = [f"{name:<{width}}  {count:>12,}" for name, count in self.rows]
         lines += [f"{'total parameters':<{width}}  {self.total_params:>12,}",
                   f"KV-cache bytes / token: {self.kv_cache_bytes_per_token:,}",
-                  f"forward FLOPs / token (seq {self.seq_len}): {self.flops_per_token:,}"]
+                  f"forward FLOPs / token (seq {self.seq_len}): {self.flops_per_token:,}",
+                  "  (2 per multiply-add; causal attention counted at the average context, i.e. halved, as in the "
+                  "FlashAttention and shared/anchors MFU convention; PaLM's MFU counts it whole)"]
         return "\n".join(lines)
 
     __str__ = table
@@ -168,7 +201,7 @@ def summarize(model: LanguageModel, seq_len: int) -> Summary:
     seen: set[int] = set()
     flops = 0
     for i, block in enumerate(model.blocks):
-        flops += block.mixer.flops_per_token(seq_len) + block.mlp.flops_per_token()
+        flops += block.flops_per_token(seq_len)
         if id(block) in seen:
             rows.append((f"layer{i} ({block.spec}, shared)", 0))
             continue

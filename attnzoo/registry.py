@@ -1,44 +1,136 @@
-"""Token mixers by name. A new mixer arrives by adding a file that calls `register`."""
+"""Token mixers by name.
+
+A mixer is one file under `attnzoo/mixers/` that calls `register`; the files there are discovered on first lookup,
+so a new mixer needs no other edit. Mixers defined elsewhere register when their module is imported.
+
+`register(name, options=OptionsDataclass, **defaults)` ties a name to a mixer class and its frozen options
+dataclass; a second name for the same class may fix options (`register("mqa", options=GQAOptions,
+n_kv_heads=1)(GQAttention)`). A plan entry's options are resolved here, once, into that dataclass:
+the name's defaults, then the plan's own options, each checked against the field's annotated type.
+
+This module imports nothing from attnzoo, so the config can validate plans without an import loop.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+import importlib
+import pkgutil
+import types
+import typing
+from typing import Any, Callable, Literal, Mapping
 
-_MIXERS: dict[str, "MixerEntry"] = {}
+MIXER_PACKAGE = "attnzoo.mixers"
+
+
+@dataclasses.dataclass(frozen=True)
+class NoOptions:
+    """The options of a mixer that has none."""
 
 
 @dataclasses.dataclass(frozen=True)
 class MixerEntry:
     name: str
     cls: type
-    defaults: dict[str, Any]  # options this name fixes, e.g. "mqa" fixes n_kv_heads=1
+    options: type  # a frozen dataclass
+    defaults: Mapping[str, Any]  # options this name fixes, e.g. "mqa" fixes n_kv_heads=1
+
+    def resolve(self, given: Mapping[str, Any]) -> Any:
+        """This name's options dataclass from a plan entry's options."""
+        return make_options(f"mixer {self.name!r}", self.options, given, self.defaults)
 
 
-def register(name: str, **defaults) -> Callable[[type], type]:
-    """Class decorator: `@register("gqa")`; a second name for the same class may fix options
-    (`register("mqa", n_kv_heads=1)(GQAttention)`)."""
+_MIXERS: dict[str, MixerEntry] = {}
+_IMPORTED: set[str] = set()
+
+
+def register(name: str, *, options: type = NoOptions, **defaults) -> Callable[[type], type]:
+    """Class decorator: `@register("gqa", options=GQAOptions)`."""
+    if not dataclasses.is_dataclass(options):
+        raise TypeError(f"register({name!r}): options must be a dataclass, got {options!r}")
+    unknown = sorted(set(defaults) - {f.name for f in dataclasses.fields(options)})
+    if unknown:
+        raise TypeError(f"register({name!r}): {options.__name__} has no field {', '.join(unknown)}")
 
     def wrap(cls: type) -> type:
-        if name in _MIXERS and _MIXERS[name].cls is not cls:
+        # The same class defined again (its module re-imported) replaces itself; another class may not take the name.
+        if name in _MIXERS and _qualified(_MIXERS[name].cls) != _qualified(cls):
             raise ValueError(f"mixer {name!r} is already registered by {_MIXERS[name].cls.__name__}")
-        _MIXERS[name] = MixerEntry(name, cls, dict(defaults))
+        _MIXERS[name] = MixerEntry(name, cls, options, types.MappingProxyType(dict(defaults)))
         return cls
 
     return wrap
 
 
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def registered() -> tuple[str, ...]:
-    _load_builtin_mixers()
+    _discover()
     return tuple(sorted(_MIXERS))
 
 
 def get_mixer(name: str) -> MixerEntry:
-    _load_builtin_mixers()
+    if name not in _MIXERS:
+        _discover()
     if name not in _MIXERS:
         raise ValueError(f"mixer {name!r} is not registered; registered mixers: {', '.join(sorted(_MIXERS))}")
     return _MIXERS[name]
 
 
-def _load_builtin_mixers() -> None:
-    from attnzoo import mixers  # noqa: F401  (importing registers every built-in mixer)
+def make_options(owner: str, options_cls: type, given: Mapping[str, Any], defaults: Mapping[str, Any] = {}) -> Any:
+    """`options_cls(**defaults, **given)`, each value checked against its field's annotation; errors name `owner`,
+    the option and what is allowed."""
+    fields = {f.name for f in dataclasses.fields(options_cls)}
+    unknown = sorted(set(given) - fields)
+    if unknown:
+        raise ValueError(f"{owner} has no option {', '.join(unknown)}; allowed: {', '.join(sorted(fields)) or '(none)'}")
+    hints = typing.get_type_hints(options_cls)
+    values = {**defaults, **given}
+    for key, value in values.items():
+        problem = _type_problem(value, hints[key])
+        if problem:
+            raise ValueError(f"{owner}: option {key}={value!r} {problem}")
+    try:
+        return options_cls(**values)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{owner}: {error}") from None
+
+
+def _discover() -> None:
+    """Import every module of the mixer package (each registers its mixers); new files are found on each call."""
+    package = importlib.import_module(MIXER_PACKAGE)
+    for module in pkgutil.iter_modules(package.__path__, MIXER_PACKAGE + "."):
+        if module.name not in _IMPORTED:
+            importlib.import_module(module.name)
+            _IMPORTED.add(module.name)
+
+
+def _type_problem(value: Any, hint: Any) -> str | None:
+    """Why `value` does not fit the annotation `hint` (None if it does). Plan values are bool/int/float/str/None."""
+    forms = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if any(_fits(value, form) for form in forms):
+        return None
+    return "must be " + " or ".join(_describe(form) for form in forms)
+
+
+def _fits(value: Any, form: Any) -> bool:
+    if typing.get_origin(form) is Literal:
+        return value in typing.get_args(form)
+    if form is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if form is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if form is type(None):
+        return value is None
+    if form in (bool, str):
+        return isinstance(value, form)
+    return True  # annotations richer than a plan value (Any, tuples, ...): the dataclass checks them
+
+
+def _describe(form: Any) -> str:
+    if typing.get_origin(form) is Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(form)))
+    names = {float: "a number", int: "an integer", bool: "true or false", str: "a string", type(None): "none"}
+    return names.get(form, getattr(form, "__name__", str(form)))

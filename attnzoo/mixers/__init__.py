@@ -1,3 +1,1 @@
-"""Built-in token mixers; importing this package registers them."""
-
-from attnzoo.mixers import gqa  # noqa: F401
+"""Built-in token mixers, one file each; the registry discovers and imports the files of this package."""

@@ -1,37 +1,52 @@
-"""What every token mixer shares: the forward context, the output record, option parsing, accounting hooks.
+"""The mixer contract: the base class every token mixer subclasses, the forward context, the output record.
 
-A mixer is an `nnx.Module` registered by name with
+A mixer is one file under `attnzoo/mixers/`: its frozen options dataclass (every knob a plan option), a `Mixer`
+subclass registered by name, and its decode cache. The registry resolves a plan entry's options into the dataclass
+and hands it to the mixer:
 
-    __init__(self, config: ModelConfig, spec: LayerSpec, *, shared: SharedParams, rngs: nnx.Rngs)
-    __call__(self, x_BTD, ctx: ForwardContext, cache=None) -> MixerOutput
-    init_cache(self, batch: int, max_len: int) -> cache pytree      (decode state of this mixer kind; it exposes
-                                                                     `lengths_B`, the tokens seen per sequence)
-    flops_per_token(self, seq_len: int) -> int                       (forward FLOPs, averaged over seq_len)
-    cache_bytes_per_token(self) -> int                               (decode-cache growth per token)
+    @register("name", options=NameOptions)
+    class NameMixer(Mixer):
+        supports = Supports(kernel_ops=("flash_attention",))   # what the contract tests may exercise
+        def __init__(self, config: ModelConfig, options: NameOptions, *, shared: SharedParams, rngs: nnx.Rngs)
+        def __call__(self, x_BTD, ctx: ForwardContext, cache=None) -> MixerOutput
+        def flops_per_token(self, seq_len: int) -> int
+        # optional, with defaults here: check (config-time validation), make_shared, init_cache,
+        # cache_bytes_per_token
 
 `ctx.mode` is static: "full" (training / scoring), "prefill" (fill an empty cache from right-padded prompts of
-`ctx.lengths` tokens), "decode" (append the new tokens at each sequence's cache length).
+`ctx.lengths_B` tokens), "decode" (the new tokens sit at positions `ctx.lengths_B` .. `ctx.lengths_B + T - 1` of each
+sequence). The model keeps the per-sequence lengths; a cache holds only the mixer's own state.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from attnzoo.config import ModelConfig
 
 Mode = Literal["full", "prefill", "decode"]
 
 
 @dataclasses.dataclass(frozen=True)
 class ForwardContext:
+    """What a mixer sees besides its input: static mode, positions and the model-level inputs some variants read."""
+
     mode: Mode
     positions_BT: jax.Array
     segment_ids_BT: jax.Array | None = None
-    lengths_B: jax.Array | None = None  # prefill: prompt lengths
-    extras: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. input embeddings for later variants
+    # prefill: prompt lengths; decode: tokens already in the cache before this call.
+    lengths_B: jax.Array | None = None
+    # The token embeddings (the model's input stream), for mixers that read them at every depth (StaticEmbQK).
+    input_embeddings_BTD: jax.Array | None = None
+    # A second stream run through the same stack beside the batch (e.g. a fixed sequence for FixedSeqQK): its
+    # normalised hidden state at this layer's mixer input, [B or 1, S, D]; None when the model has no side stream
+    # (and inside the side stream's own pass).
+    side_BSD: jax.Array | None = None
 
 
 class MixerOutput(NamedTuple):
@@ -41,10 +56,18 @@ class MixerOutput(NamedTuple):
     metrics: dict[str, jax.Array] = {}  # diagnostics logged beside the loss
 
 
+@dataclasses.dataclass(frozen=True)
+class Supports:
+    """What a mixer can do; the contract tests read this instead of keeping skip lists."""
+
+    decode: bool = True  # prefill + cached decode through init_cache
+    multi_token_decode: bool = True  # a decode call may append T > 1 tokens at once
+    kernel_ops: tuple[str, ...] = ()  # pallas_kernels ops it calls; their implementation is the model's choice
+
+
 class SharedParams(nnx.Module):
     """Modules shared by several layers, built once per key by the model (e.g. a weight dictionary that every
-    attention layer draws from). A mixer class asks for one with a classmethod
-    `make_shared(config, rngs) -> dict[str, nnx.Module]`."""
+    attention layer draws from); a mixer asks for them through `make_shared`."""
 
     def __init__(self, modules: dict[str, nnx.Module]):
         self.modules = nnx.Dict(modules)
@@ -53,13 +76,32 @@ class SharedParams(nnx.Module):
         return self.modules[key]
 
 
-def resolve_options(options_cls: type, mixer: str, given: dict[str, Any]):
-    """Build the mixer's frozen options dataclass, naming the allowed fields when one is unknown."""
-    allowed = {f.name for f in dataclasses.fields(options_cls)}
-    unknown = sorted(set(given) - allowed)
-    if unknown:
-        raise ValueError(f"plan: mixer {mixer!r} has no option {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
-    return options_cls(**given)
+class Mixer(nnx.Module):
+    """Base of every token mixer; see the module docstring for the contract."""
+
+    supports: ClassVar[Supports] = Supports()
+
+    @classmethod
+    def check(cls, options: Any, config: ModelConfig) -> None:
+        """Raise ValueError (naming the option) when `options` cannot work with `config`; runs when the config is
+        built. Checks that need only the options belong in the options dataclass's __post_init__."""
+
+    @classmethod
+    def make_shared(cls, config: ModelConfig, options: Any, rngs: nnx.Rngs) -> dict[str, nnx.Module]:
+        """Modules shared by every layer of this kind, by key (built once per model, by the first layer asking)."""
+        return {}
+
+    def init_cache(self, batch: int, max_len: int) -> Any:
+        """The empty decode state of this layer for `batch` sequences of up to `max_len` tokens."""
+        raise NotImplementedError(f"{type(self).__name__} does not support cached decoding")
+
+    def cache_bytes_per_token(self) -> int:
+        """Decode-state growth per token (0 for constant-size recurrent states)."""
+        return 0
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Forward FLOPs per token averaged over a causal sequence of `seq_len` (2 per multiply-add)."""
+        raise NotImplementedError
 
 
 def average_context(seq_len: int, window: int | None) -> float:

@@ -1,70 +1,112 @@
 """Grouped-query attention: MHA, GQA and MQA in one module.
 
-GQA (Ainslie et al. 2023, arXiv 2305.13245): Hq query heads share Hkv key/value heads, Hq % Hkv == 0;
-MHA is Hkv = Hq (Vaswani et al. 2017), MQA is Hkv = 1 (Shazeer 2019, arXiv 1911.02150).
+GQA (Ainslie et al. 2023, arXiv 2305.13245): H query heads share K key/value heads, H % K == 0;
+MHA is K = H (Vaswani et al. 2017), MQA is K = 1 (Shazeer 2019, arXiv 1911.02150).
 
-    q_h = RoPE(x W_q^h),  k_g = RoPE(x W_k^g),  v_g = x W_v^g,  g = h // (Hq / Hkv)
-    o_h = softmax(q_h k_g^T / sqrt(D) + causal/window mask) v_g,   y = concat_h(o_h) W_o
+    q_h = RoPE(x W_q^h),  k_g = RoPE(x W_k^g),  v_g = x W_v^g,  g = h // (H / K)
+    o_h = softmax(q_h k_g^T / sqrt(E) + causal/window mask) v_g,   y = concat_h(o_h) W_o
 
-Options (per layer, in the plan): n_heads, n_kv_heads, head_dim (default: the model's), window (sliding window,
-tokens including the current one), qk_norm (RMSNorm on q and k per head, arXiv 2302.05442), rope (bool),
-logits_soft_cap, implementation (default: the model's attn_implementation).
+Softmax attention runs through `attnzoo.attention` (the model's `flash_attention` / `decode_attention` kernels).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from attnzoo.attention import attention, cached_attention
-from attnzoo.cache import KVCache
-from attnzoo.config import LayerSpec, ModelConfig
+from attnzoo.cache import write_at
+from attnzoo.config import ModelConfig
 from attnzoo.layers import RMSNorm, apply_rope, dense
-from attnzoo.mixers.base import (ForwardContext, MixerOutput, SharedParams, average_context, dtype_bytes,
-                                 resolve_options)
-from attnzoo.registry import get_mixer, register
+from attnzoo.mixers.base import (ForwardContext, Mixer, MixerOutput, SharedParams, Supports, average_context,
+                                 dtype_bytes)
+from attnzoo.registry import register
 
 
 @dataclasses.dataclass(frozen=True)
 class GQAOptions:
+    """n_heads, n_kv_heads ("all": MHA), head_dim: default the model's. window: sliding window in tokens including
+    the current one. qk_norm: RMSNorm on q and k per head (arXiv 2302.05442). rope: rotary positions.
+    logits_soft_cap: c * tanh(logits / c)."""
+
     n_heads: int | None = None
-    n_kv_heads: int | None = None
+    n_kv_heads: int | Literal["all"] | None = None
     head_dim: int | None = None
     window: int | None = None
     qk_norm: bool = False
     rope: bool = True
     logits_soft_cap: float | None = None
-    implementation: str | None = None
+
+    def __post_init__(self):
+        for name in ("n_heads", "head_dim", "window"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name}={value} must be a positive integer (or none for the default)")
+        if isinstance(self.n_kv_heads, int) and self.n_kv_heads <= 0:
+            raise ValueError(f"n_kv_heads={self.n_kv_heads} must be a positive integer, 'all' or none")
+        if self.logits_soft_cap is not None and self.logits_soft_cap <= 0:
+            raise ValueError(f"logits_soft_cap={self.logits_soft_cap} must be > 0 (or none)")
 
 
-@register("gqa")
-class GQAttention(nnx.Module):
-    def __init__(self, config: ModelConfig, spec: LayerSpec, *, shared: SharedParams | None = None,
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Keys and values of every past token; the model's DecodeState says how many entries are valid."""
+
+    k_BSKE: jax.Array
+    v_BSKE: jax.Array
+
+    @classmethod
+    def empty(cls, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype) -> "KVCache":
+        zeros = jnp.zeros((batch, max_len, kv_heads, head_dim), dtype)
+        return cls(zeros, zeros)
+
+    def write(self, k_BTKE, v_BTKE, at_B) -> "KVCache":
+        """The T new keys/values written at positions at_B .. at_B + T - 1 of each sequence."""
+        return KVCache(write_at(self.k_BSKE, k_BTKE, at_B), write_at(self.v_BSKE, v_BTKE, at_B))
+
+
+def _heads(config: ModelConfig, opts: GQAOptions) -> tuple[int, int, int]:
+    """(query heads, kv heads, head dim) after the model's defaults."""
+    n_heads = opts.n_heads or config.n_heads
+    kv = opts.n_kv_heads if opts.n_kv_heads is not None else config.kv_heads
+    return n_heads, n_heads if kv == "all" else kv, opts.head_dim or config.dim_per_head
+
+
+@register("gqa", options=GQAOptions)
+class GQAttention(Mixer):
+    supports = Supports(kernel_ops=("flash_attention", "decode_attention"))
+
+    @classmethod
+    def check(cls, options: GQAOptions, config: ModelConfig) -> None:
+        n_heads, n_kv_heads, head_dim = _heads(config, options)
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_kv_heads={n_kv_heads} must divide n_heads={n_heads}")
+        if options.rope and head_dim % 2:
+            raise ValueError(f"head_dim={head_dim} must be even for rotary embeddings (or set rope=false)")
+
+    def __init__(self, config: ModelConfig, options: GQAOptions, *, shared: SharedParams | None = None,
                  rngs: nnx.Rngs):
-        opts = resolve_options(GQAOptions, spec.mixer, {**get_mixer(spec.mixer).defaults, **spec.kwargs})
-        self.n_heads = opts.n_heads or config.n_heads
-        kv = opts.n_kv_heads if opts.n_kv_heads is not None else config.kv_heads
-        self.n_kv_heads = self.n_heads if kv == "all" else kv
-        if self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads:
-            raise ValueError(f"plan: {spec.mixer}: n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
-        self.head_dim = opts.head_dim or config.dim_per_head
-        if opts.window is not None and opts.window <= 0:
-            raise ValueError(f"plan: {spec.mixer}: window={opts.window} must be a positive number of tokens")
-        self.window = opts.window
-        self.rope_base = config.rope_base if opts.rope else None
-        self.soft_cap = opts.logits_soft_cap
-        self.implementation = opts.implementation or config.attn_implementation
+        self.n_heads, self.n_kv_heads, self.head_dim = _heads(config, options)
+        self.window = options.window
+        self.rope_base = config.rope_base if options.rope else None
+        self.soft_cap = options.logits_soft_cap
+        self.flash_implementation = config.kernel("flash_attention")
+        self.decode_implementation = config.kernel("decode_attention")
         self.cache_dtype = jnp.dtype(config.dtype)
-        d, hd = config.d_model, self.head_dim
+        d, e = config.d_model, self.head_dim
         kw = dict(dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype), rngs=rngs)
-        self.q_proj = dense(d, self.n_heads * hd, **kw)
-        self.k_proj = dense(d, self.n_kv_heads * hd, **kw)
-        self.v_proj = dense(d, self.n_kv_heads * hd, **kw)
-        self.o_proj = dense(self.n_heads * hd, d, scale=1 / (2 * config.n_layers) ** 0.5, **kw)
-        self.q_norm = RMSNorm(hd, eps=config.norm_eps, param_dtype=kw["param_dtype"]) if opts.qk_norm else None
-        self.k_norm = RMSNorm(hd, eps=config.norm_eps, param_dtype=kw["param_dtype"]) if opts.qk_norm else None
+        self.q_proj = dense(d, self.n_heads * e, **kw)
+        self.k_proj = dense(d, self.n_kv_heads * e, **kw)
+        self.v_proj = dense(d, self.n_kv_heads * e, **kw)
+        self.o_proj = dense(self.n_heads * e, d, scale=1 / (2 * config.n_layers) ** 0.5, **kw)
+        norm = dict(eps=config.norm_eps, param_dtype=kw["param_dtype"])
+        self.q_norm = RMSNorm(e, **norm) if options.qk_norm else None
+        self.k_norm = RMSNorm(e, **norm) if options.qk_norm else None
 
     def _project(self, x_BTD, positions_BT):
         b, t, _ = x_BTD.shape
@@ -79,21 +121,23 @@ class GQAttention(nnx.Module):
         return q, k, v
 
     def __call__(self, x_BTD, ctx: ForwardContext, cache: KVCache | None = None) -> MixerOutput:
-        q, k, v = self._project(x_BTD, ctx.positions_BT)
-        if ctx.mode == "decode":
-            cache = cache.append(k, v)
-            o = cached_attention(q, cache.k_BSHD, cache.v_BSHD, cache.lengths_B, sliding_window=self.window,
-                                 logits_soft_cap=self.soft_cap, implementation=self.implementation)
-        else:
-            o = attention(q, k, v, causal=True, sliding_window=self.window, segment_ids_BT=ctx.segment_ids_BT,
-                          logits_soft_cap=self.soft_cap, implementation=self.implementation)
-            if ctx.mode == "prefill":
-                cache = cache.prefill(k, v, ctx.lengths_B)
+        q_BTHE, k_BTKE, v_BTKE = self._project(x_BTD, ctx.positions_BT)
         b, t = x_BTD.shape[:2]
-        return MixerOutput(self.o_proj(o.reshape(b, t, self.n_heads * self.head_dim)), cache)
+        if ctx.mode == "decode":
+            cache = cache.write(k_BTKE, v_BTKE, ctx.lengths_B)
+            o_BTHE = cached_attention(q_BTHE, cache.k_BSKE, cache.v_BSKE, ctx.lengths_B + t,
+                                      sliding_window=self.window, logits_soft_cap=self.soft_cap,
+                                      implementation=self.decode_implementation)
+        else:
+            o_BTHE = attention(q_BTHE, k_BTKE, v_BTKE, causal=True, sliding_window=self.window,
+                               segment_ids_BT=ctx.segment_ids_BT, logits_soft_cap=self.soft_cap,
+                               implementation=self.flash_implementation)
+            if ctx.mode == "prefill":
+                cache = cache.write(k_BTKE, v_BTKE, jnp.zeros((b,), jnp.int32))
+        return MixerOutput(self.o_proj(o_BTHE.reshape(b, t, self.n_heads * self.head_dim)), cache)
 
     def init_cache(self, batch: int, max_len: int) -> KVCache:
-        return KVCache.empty(batch, max_len, self.n_kv_heads, self.head_dim, self.head_dim, self.cache_dtype)
+        return KVCache.empty(batch, max_len, self.n_kv_heads, self.head_dim, self.cache_dtype)
 
     def cache_bytes_per_token(self) -> int:
         return 2 * self.n_kv_heads * self.head_dim * dtype_bytes(self.cache_dtype)
@@ -101,10 +145,11 @@ class GQAttention(nnx.Module):
     def flops_per_token(self, seq_len: int) -> int:
         d = self.q_proj.in_features
         proj = 2 * d * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
-        # q.k and p.v: 2 FLOPs per multiply-add each, over the keys a query sees on average.
+        # q.k and p.v, 2 FLOPs per multiply-add each, over the keys a causal query sees on average (about half the
+        # sequence: the causal-halved convention of FlashAttention and of shared/anchors' MFU; PaLM counts it whole).
         attend = 4 * self.n_heads * self.head_dim * average_context(seq_len, self.window)
         return int(round(proj + attend))
 
 
-register("mha", n_kv_heads="all")(GQAttention)
-register("mqa", n_kv_heads=1)(GQAttention)
+register("mha", options=GQAOptions, n_kv_heads="all")(GQAttention)
+register("mqa", options=GQAOptions, n_kv_heads=1)(GQAttention)
