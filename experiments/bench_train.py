@@ -42,7 +42,7 @@ def matmul_tflops(n: int) -> float:
 
 
 def attnzoo_step(preset: str, plan: str | None, batch: int, seq: int, dtype: str, impl: str, n: int):
-    overrides = dict(dtype=dtype, attn_implementation=impl, max_seq_len=seq)
+    overrides = dict(dtype=dtype, kernels={"flash_attention": impl}, max_seq_len=seq)
     if plan:
         overrides["plan"] = plan
     cfg = get_preset(preset, **overrides)

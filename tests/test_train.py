@@ -207,7 +207,7 @@ def test_trains_on_a_synthetic_task_scoring_only_labelled_positions(tmp_path):
               for split, n, seed in (("train", 512, 0), ("val", 64, 1))}
     cfg = TrainConfig(steps=60, batch_size=32, seq_len=seq, lr=3e-3, warmup_steps=5, eval_every=60,
                       ckpt_every=60, log_every=10)
-    model = LanguageModel(TINY.replace(vocab_size=vocab, attn_implementation="xla"), rngs=nnx.Rngs(0))
+    model = LanguageModel(TINY.replace(vocab_size=vocab, kernels={"flash_attention": "xla"}), rngs=nnx.Rngs(0))
     trainer = Trainer(model, cfg, ArrayDataset(splits, vocab), tmp_path, progress=False)
     result = trainer.run()
     trainer.close()
