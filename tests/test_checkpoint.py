@@ -11,7 +11,8 @@ from orbax.checkpoint._src.path import atomicity
 
 from attnzoo import LanguageModel, ModelConfig
 from attnzoo.data import ByteTokenizer, TokenDataset
-from attnzoo.train import Checkpointer, ConfigMismatchError, RunDirError, TrainConfig, Trainer, prepare_run_dir
+from attnzoo.train import (Checkpointer, ConfigMismatchError, RunDirError, TrainConfig, Trainer, learning_rate_schedule,
+                           prepare_run_dir)
 from attnzoo.train.trainer import run_config
 
 TINY = ModelConfig(vocab_size=259, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2)
@@ -51,6 +52,20 @@ def test_round_trip_restores_into_an_abstract_model(tmp_path):
     tokens = jnp.arange(24).reshape(2, 12) % 259
     rest = jax.tree.map(jnp.zeros_like, rest)  # no non-parameter arrays in this model; keeps merge concrete
     np.testing.assert_array_equal(nnx.merge(graphdef, restored, rest)(tokens).logits_BTV, model(tokens).logits_BTV)
+
+
+def test_restore_params_reads_only_the_parameters(tmp_path):
+    model = LanguageModel(TINY, rngs=nnx.Rngs(3))
+    params = nnx.state(model, nnx.Param)
+    with Checkpointer(tmp_path, keep=2) as checkpointer:
+        checkpointer.save(5, params, {"mu": jax.tree.map(jnp.zeros_like, params)}, seed=3)
+        checkpointer.wait()
+    with Checkpointer(tmp_path, create=False) as checkpointer:
+        restored, meta = checkpointer.restore_params(nnx.state(LanguageModel(TINY, rngs=nnx.Rngs(0)), nnx.Param))
+        with pytest.raises(FileNotFoundError, match="no checkpoint of step 4 .* saved steps: 5"):
+            checkpointer.restore_params(params, step=4)
+    assert meta["step"] == 5
+    jax.tree.map(np.testing.assert_array_equal, restored, params)
 
 
 def test_keeps_only_the_latest_checkpoints(tmp_path):
@@ -112,6 +127,31 @@ def test_resume_with_a_different_config_names_every_differing_field(tmp_path):
     assert "data.fingerprint: saved 'abc', requested 'xyz'" in message
     assert "train.steps" not in message
     assert (tmp_path / "run.json").read_bytes() == saved and sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]
+
+
+def test_resume_may_extend_the_steps_and_records_them(tmp_path):
+    tokenizer, data = ByteTokenizer(), {"name": "corpus", "fingerprint": "abc"}
+    pinned = TRAINING.replace(schedule_steps=TRAINING.steps)
+    prepare_run_dir(tmp_path, run_config(TINY, pinned, data, tokenizer), resume=False)
+    extended = pinned.replace(steps=12)
+    prepare_run_dir(tmp_path, run_config(TINY, extended, data, tokenizer), resume=True)
+    saved = json.loads((tmp_path / "run.json").read_text())["train"]
+    assert saved["steps"] == 12 and saved["schedule_steps"] == 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]  # no temporary file left behind
+    with pytest.raises(ConfigMismatchError, match="train.steps: saved 12, requested 10 .*more steps, not fewer"):
+        prepare_run_dir(tmp_path, run_config(TINY, pinned.replace(steps=10), data, tokenizer), resume=True)
+
+
+def test_an_extended_schedule_keeps_the_original_and_then_holds_the_floor():
+    original = TrainConfig(steps=10, warmup_steps=2, lr=1e-2, min_lr_ratio=0.1)
+    extended = original.replace(steps=15, schedule_steps=10)
+    lrs = [learning_rate_schedule(extended)(i) for i in range(15)]
+    assert lrs[:10] == [learning_rate_schedule(original)(i) for i in range(10)]  # bit-identical
+    np.testing.assert_allclose(lrs[9:], 1e-3, rtol=1e-6)
+    with pytest.raises(ValueError, match="schedule_steps=11 must be in \\[1, steps=10\\]"):
+        original.replace(schedule_steps=11)
+    with pytest.raises(ValueError, match="warmup_steps=2 must be in \\[0, schedule_steps=2\\)"):
+        original.replace(schedule_steps=2)
 
 
 def test_a_crash_mid_save_leaves_no_checkpoint_that_restore_would_use(tmp_path, monkeypatch):

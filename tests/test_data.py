@@ -291,6 +291,24 @@ def test_too_short_split_is_an_error(tree_dataset):
     assert ds.batch("val", 0, 1, seq_len - 1, 0)[0].shape == (1, seq_len - 1)
 
 
+def test_check_seq_len_names_the_first_short_split(tree_dataset):
+    _, ds, _ = tree_dataset
+    val_tokens = ds.num_tokens("val")
+    ds.check_seq_len(val_tokens - 1)
+    with pytest.raises(ValueError, match=f"the 'val' split has {val_tokens} tokens, fewer than seq_len \\+ 1"):
+        ds.check_seq_len(val_tokens)
+    ds.check_seq_len(val_tokens, ["train"])
+
+
+def test_from_cache_reopens_a_built_dataset_without_the_corpus(tree_dataset, bpe):
+    corpus, ds, cache = tree_dataset
+    reopened = TokenDataset.from_cache(corpus.name, corpus.fingerprint, ByteTokenizer(), cache)
+    for split in ("train", "val"):
+        np.testing.assert_array_equal(reopened.tokens[split], ds.tokens[split])
+    assert TokenDataset.from_cache(corpus.name, corpus.fingerprint, bpe, cache) is None
+    assert TokenDataset.from_cache(corpus.name, "0" * 64, ByteTokenizer(), cache) is None
+
+
 def test_unigram_entropy_matches_direct_count():
     tokens = np.array([0, 0, 1, 2, 2, 2, 2, 3], dtype=np.uint16)
     ds = TokenDataset({"train": tokens, "val": tokens}, ByteTokenizer())

@@ -42,9 +42,9 @@ def _write_tokens(path: str, texts: Iterable[str], tokenizer: Tokenizer) -> None
         raise
 
 
-def _cache_path(cache_dir: str, corpus: TextCorpus, tokenizer: Tokenizer, split: str) -> str:
+def _cache_path(cache_dir: str, corpus_name: str, fingerprint: str, tokenizer: Tokenizer, split: str) -> str:
     dtype = token_dtype(tokenizer.vocab_size).name
-    return os.path.join(cache_dir, f"{corpus.name}-{corpus.fingerprint[:16]}-{tokenizer.identity}-{split}.{dtype}")
+    return os.path.join(cache_dir, f"{corpus_name}-{fingerprint[:16]}-{tokenizer.identity}-{split}.{dtype}")
 
 
 def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> Batch:
@@ -67,22 +67,40 @@ class TokenDataset:
         os.makedirs(cache_dir, exist_ok=True)
         tokens = {}
         for split in SPLITS:
-            path = _cache_path(cache_dir, corpus, tokenizer, split)
+            path = _cache_path(cache_dir, corpus.name, corpus.fingerprint, tokenizer, split)
             if not os.path.exists(path):
                 _write_tokens(path, corpus.iter_texts(split), tokenizer)
             tokens[split] = np.memmap(path, dtype=token_dtype(tokenizer.vocab_size), mode="r")
         return cls(tokens, tokenizer)
 
+    @classmethod
+    def from_cache(cls, corpus_name: str, fingerprint: str, tokenizer: Tokenizer,
+                   cache_dir: str | os.PathLike) -> TokenDataset | None:
+        """The dataset an earlier `build` cached for this corpus (name and fingerprint) and tokenizer, without the
+        corpus files; None when the cache does not hold both splits."""
+        paths = {split: _cache_path(os.fspath(cache_dir), corpus_name, fingerprint, tokenizer, split)
+                 for split in SPLITS}
+        if not all(os.path.exists(path) for path in paths.values()):
+            return None
+        dtype = token_dtype(tokenizer.vocab_size)
+        return cls({split: np.memmap(path, dtype=dtype, mode="r") for split, path in paths.items()}, tokenizer)
+
     def num_tokens(self, split: str) -> int:
         check_split(split)
         return len(self.tokens[split])
+
+    def check_seq_len(self, seq_len: int, splits: Iterable[str] = SPLITS) -> None:
+        """Raise ValueError if a split is too short for one window of `seq_len` inputs plus its next-token target."""
+        for split in splits:
+            self._tokens_for(split, seq_len)
 
     def _tokens_for(self, split: str, seq_len: int) -> np.ndarray:
         check_split(split)
         tokens = self.tokens[split]
         if len(tokens) < seq_len + 1:
             raise ValueError(
-                f"seq_len: the {split!r} split has {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}"
+                f"seq_len: the {split!r} split has {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1} "
+                f"(one window and its next-token target); use more text or a smaller seq_len"
             )
         return tokens
 

@@ -6,12 +6,15 @@ A run directory holds
     metrics.jsonl, loss.png, sample.txt, tokenizer files   written by the trainer / CLI
 
 Orbax saves into `<step>.orbax-checkpoint-tmp*` and renames it only when complete, so a crash mid-save leaves
-a temporary directory that `latest_step` and `restore` never pick up.
+a temporary directory that `latest_step` and `restore` never pick up. A run directory with run.json but no
+checkpoint yet (a run killed early) resumes from step 0.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +61,45 @@ def _json_roundtrip(config: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(config))
 
 
+def resume_differences(saved: dict[str, Any], requested: dict[str, Any]) -> list[str]:
+    """`config_differences`, except that more `train.steps` than saved is no difference: it extends the run."""
+    saved_steps = saved.get("train", {}).get("steps")
+    requested_steps = requested.get("train", {}).get("steps")
+    if isinstance(saved_steps, int) and isinstance(requested_steps, int) and requested_steps > saved_steps:
+        requested = {**requested, "train": {**requested["train"], "steps": saved_steps}}
+    return [line + " (a resumed run can be given more steps, not fewer)" if line.startswith("train.steps:") else line
+            for line in config_differences(saved, requested)]
+
+
 def read_run_config(run_dir: str | Path) -> dict[str, Any]:
     return json.loads((Path(run_dir) / RUN_CONFIG_FILE).read_text())
+
+
+def write_run_config(run_dir: str | Path, run_config: dict[str, Any]) -> None:
+    """Write run.json atomically (a temporary file renamed over it), so a crash never leaves half a file."""
+    config_file = Path(run_dir) / RUN_CONFIG_FILE
+    tmp = config_file.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(run_config, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, config_file)
+
+
+def has_checkpoint(run_dir: str | Path) -> bool:
+    """Whether `run_dir` holds a complete checkpoint (Orbax names a finished one by its bare step number)."""
+    directory = Path(run_dir) / CHECKPOINT_DIR
+    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
+def discard_run_dir(run_dir: str | Path, keep_directory: bool) -> None:
+    """Remove what a fresh run wrote into `run_dir` (and the directory itself unless `keep_directory`)."""
+    run_dir = Path(run_dir)
+    if not keep_directory:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    for path in run_dir.iterdir():
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def ensure_no_run(run_dir: str | Path) -> None:
@@ -71,10 +111,11 @@ def ensure_no_run(run_dir: str | Path) -> None:
 
 
 def prepare_run_dir(run_dir: str | Path, run_config: dict[str, Any], resume: bool) -> Path:
-    """Validate `run_dir` for a fresh run or a resume, and (fresh only) create it and write run.json.
+    """Validate `run_dir` for a fresh run or a resume, and write run.json.
 
-    Fresh: the directory must not exist or be empty. Resume: run.json must exist and equal `run_config` field by
-    field. Nothing is written when a check fails; every process checks before process 0 writes.
+    Fresh: the directory must not exist or be empty; it is created. Resume: run.json must exist and equal
+    `run_config` field by field, except that `train.steps` may be larger (the run is extended; run.json then
+    records the new steps). Nothing is written when a check fails; every process checks before process 0 writes.
     """
     run_dir = Path(run_dir)
     config_file = run_dir / RUN_CONFIG_FILE
@@ -82,18 +123,22 @@ def prepare_run_dir(run_dir: str | Path, run_config: dict[str, Any], resume: boo
         if not config_file.exists():
             raise RunDirError(f"--resume: {run_dir} holds no run ({RUN_CONFIG_FILE} not found); "
                               f"drop --resume to start a fresh run there")
-        differences = config_differences(read_run_config(run_dir), run_config)
+        saved = read_run_config(run_dir)
+        differences = resume_differences(saved, run_config)
         if differences:
             raise ConfigMismatchError(
                 f"--resume: the requested configuration differs from the saved run in {config_file}:\n  "
                 + "\n  ".join(differences)
                 + "\nrerun with the saved settings, or start a fresh run in another --run-dir")
+        sync_processes("attnzoo: run config checked")
+        if is_primary_process() and config_differences(saved, run_config):  # extended: record the new steps
+            write_run_config(run_dir, run_config)
         return run_dir
     ensure_no_run(run_dir)
     sync_processes("attnzoo: run dir checked")
     if is_primary_process():
         run_dir.mkdir(parents=True, exist_ok=True)
-        config_file.write_text(json.dumps(run_config, indent=2, sort_keys=True) + "\n")
+        write_run_config(run_dir, run_config)
     return run_dir
 
 
@@ -108,10 +153,11 @@ class Checkpointer:
     Saves are asynchronous (training continues while the files are written); keeps the latest `keep`.
     """
 
-    def __init__(self, run_dir: str | Path, keep: int):
+    def __init__(self, run_dir: str | Path, keep: int | None = None, *, create: bool = True):
+        """`keep=None` keeps every checkpoint; `create=False` opens an existing directory without creating it."""
         self.directory = Path(run_dir).absolute() / CHECKPOINT_DIR
         self._manager = ocp.CheckpointManager(
-            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create))
 
     def save(self, step: int, params: Any, opt_state: Any, seed: int) -> None:
         """Checkpoint the state after `step` updates; the next batch to train on is batch index `step`."""
@@ -125,15 +171,36 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
+    def _existing_step(self, step: int | None) -> int:
+        """`step` (default: the latest), checked to be on disk."""
+        steps = self.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        if step is None:
+            return self.latest_step()
+        if step not in steps:
+            raise FileNotFoundError(f"no checkpoint of step {step} in {self.directory}; "
+                                    f"saved steps: {', '.join(map(str, steps))}")
+        return step
+
     def restore(self, params_like: Any, opt_state_like: Any, step: int | None = None) -> tuple[Any, Any, dict]:
         """(params, opt_state, meta) of `step` (default: the latest), shaped and sharded like the given trees."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        step = self._existing_step(step)
         target = {"params": abstract_like(params_like), "opt_state": abstract_like(opt_state_like)}
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
         return restored["state"]["params"], restored["state"]["opt_state"], restored["meta"]
+
+    def restore_params(self, params_like: Any, step: int | None = None) -> tuple[Any, dict]:
+        """(params, meta) of `step` (default: the latest), shaped and sharded like `params_like`. The optimizer
+        state is not read (an Orbax partial restore), so no optimizer needs to be built."""
+        step = self._existing_step(step)
+        target = {"params": abstract_like(params_like)}
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                         partial_restore=True),
+            meta=ocp.args.JsonRestore()))
+        return restored["state"]["params"], restored["meta"]
 
     def wait(self) -> None:
         """Block until pending saves are on disk (raises if one failed)."""

@@ -2,7 +2,15 @@
 
     attnzoo-train --preset tiny                                  # stdlib Python sources, byte tokens
     attnzoo-train --preset tiny --plan "gqa*3,mqa" --data notes/ --tokenizer bpe --bpe-vocab 2048
-    attnzoo-train --run-dir runs/x --resume                      # continue a run (same settings)
+    attnzoo-train --run-dir runs/x --resume                      # continue a run (same model and data flags)
+    attnzoo-train --run-dir runs/x --resume --steps 2000         # ... and extend it to 2000 steps
+
+--resume takes the training settings it is not given from the run's run.json; the model, data and tokenizer
+flags must match the run's. A larger --steps extends the run: its learning-rate schedule keeps its original
+length (warmup, then cosine to the floor at the original last step) and the added steps train at the floor
+learning rate, so the steps already trained are unchanged.
+
+A run's checkpoints are used afterwards with attnzoo-generate (sampling) and attnzoo-eval (loss, perplexity).
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from attnzoo.config import PRESETS, get_preset
 from attnzoo.data import TokenDataset, load_tokenizer, make_tokenizer, stdlib_corpus, text_corpus, unigram_entropy
 from attnzoo.data.corpus import DATA_HELP
 from attnzoo.model import LanguageModel
-from attnzoo.train.checkpoint import ConfigMismatchError, RunDirError, ensure_no_run
+from attnzoo.train.checkpoint import RUN_CONFIG_FILE, ConfigMismatchError, RunDirError, ensure_no_run, read_run_config
 from attnzoo.train.optim import PARALLELISMS, TrainConfig
 from attnzoo.train.sharding import maybe_initialize_distributed
 from attnzoo.train.trainer import TOKENIZER_DIR, train
@@ -40,7 +48,7 @@ BPE_TRAINING_CHARS = 20_000_000  # the BPE tokenizer learns its merges from at m
 TRAIN_FLAGS = {"steps": "steps", "batch_size": "batch_size", "seq_len": "seq_len", "lr": "lr",
                "warmup": "warmup_steps", "weight_decay": "weight_decay", "grad_clip": "grad_clip",
                "eval_every": "eval_every", "ckpt_every": "ckpt_every", "keep": "keep_checkpoints",
-               "seed": "seed", "parallelism": "parallelism"}
+               "log_every": "log_every", "seed": "seed", "parallelism": "parallelism"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", nargs="+", default=["stdlib"], help=f"training text; {DATA_HELP} (default stdlib)")
     p.add_argument("--tokenizer", choices=("byte", "bpe"), default="byte")
     p.add_argument("--bpe-vocab", type=int, default=4096, help="BPE vocabulary size (with --tokenizer bpe)")
-    p.add_argument("--steps", type=int)
+    p.add_argument("--steps", type=int, help="training steps; with --resume, more than the run's extends it "
+                                             "(the added steps train at the schedule's floor learning rate)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seq-len", type=int)
     p.add_argument("--lr", type=float, help="peak learning rate")
@@ -64,9 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallelism", choices=PARALLELISMS, help="none, dp (data parallel) or fsdp (sharded)")
     p.add_argument("--eval-every", type=int)
     p.add_argument("--ckpt-every", type=int)
+    p.add_argument("--log-every", type=int, help="steps between metrics lines in metrics.jsonl")
     p.add_argument("--keep", type=int, help="checkpoints to keep")
     p.add_argument("--run-dir", help="output directory (default runs/<preset>-<plan>-<timestamp>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its latest checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its latest checkpoint "
+                                                         "(training flags not given keep the run's values)")
     p.add_argument("--seed", type=int)
     p.add_argument("--sample-tokens", type=int, default=200, help="tokens to generate at the end (0: none)")
     p.add_argument("--prompt", help="prompt for the final sample (default 'def ' on stdlib, else a newline)")
@@ -109,10 +120,21 @@ def _data_identity(args, corpus) -> dict:
     return identity
 
 
-def _training_config(args) -> TrainConfig:
-    """The preset's training defaults with the flags' overrides; a shortened run shortens the warmup too."""
-    preset = PRESET_TRAINING.get(args.preset, TrainConfig())
+def _training_config(args, run_dir: Path) -> TrainConfig:
+    """Fresh: the preset's training defaults with the flags' overrides; a shortened run shortens the warmup too.
+    Resume: the run's saved settings with the flags' overrides; `--steps` may only grow (the schedule keeps its
+    length, so the trained steps stay as they were)."""
     overrides = {field: getattr(args, flag) for flag, field in TRAIN_FLAGS.items() if getattr(args, flag) is not None}
+    if args.resume:
+        if not (run_dir / RUN_CONFIG_FILE).exists():
+            raise RunDirError(f"--resume: {run_dir} holds no run ({RUN_CONFIG_FILE} not found); "
+                              f"drop --resume to start a fresh run there")
+        saved = TrainConfig.from_dict(read_run_config(run_dir)["train"])
+        if args.steps is not None and args.steps < saved.steps:
+            raise ConfigMismatchError(f"--steps {args.steps}: the run in {run_dir} has {saved.steps} steps; "
+                                      f"--resume can extend a run (a larger --steps) but not shorten it")
+        return saved.replace(**overrides)
+    preset = PRESET_TRAINING.get(args.preset, TrainConfig())
     if args.steps is not None and args.warmup is None:
         overrides["warmup_steps"] = min(preset.warmup_steps, args.steps // 10)
     return preset.replace(**overrides)
@@ -125,15 +147,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--resume needs --run-dir (the run to continue)")
     maybe_initialize_distributed()
     try:
+        # Configuration first, data last: a bad flag (ModelConfig checks every plan option) fails before any
+        # tokenizing or writing.
         shape = get_preset(args.preset, plan=args.plan)
-        training = _training_config(args)
         run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(args.preset, shape.plan)
+        training = _training_config(args, run_dir)
+        if training.seq_len > shape.max_seq_len:
+            raise ValueError(f"seq_len={training.seq_len} exceeds the model's max_seq_len={shape.max_seq_len} "
+                             f"(preset {args.preset}); choose --seq-len <= {shape.max_seq_len}")
         if not args.resume:
             ensure_no_run(run_dir)  # fail before reading data; `train` checks again before writing
         corpus = stdlib_corpus() if args.data == ["stdlib"] else text_corpus(args.data)
         tokenizer = _tokenizer(args, corpus, run_dir)
         model_config = shape.replace(vocab_size=tokenizer.vocab_size, dtype=args.dtype)
         dataset = TokenDataset.build(corpus, tokenizer, cache_dir())
+        dataset.check_seq_len(training.seq_len)  # before `train` writes the run directory
         entropy = unigram_entropy(dataset, "val")
     except (ValueError, FileNotFoundError, RunDirError) as error:
         parser.exit(2, f"attnzoo-train: error: {error}\n")
@@ -154,7 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     except (RunDirError, ConfigMismatchError) as error:
         parser.exit(2, f"attnzoo-train: error: {error}\n")
     except KeyboardInterrupt:
-        print(f"continue with: attnzoo-train --run-dir {run_dir} --resume (and the same settings)")
+        if (run_dir / RUN_CONFIG_FILE).exists():
+            print(f"continue with: attnzoo-train --run-dir {run_dir} --resume (and the same model and data flags)")
+        else:
+            print(f"stopped before the first checkpoint; nothing was kept in {run_dir}")
         return 130
     if result.val_loss is not None:
         print(f"final val loss {result.val_loss:.4f} nats/token (unigram entropy {entropy:.4f}), "

@@ -21,6 +21,11 @@ class TrainConfig:
 
     The compute dtype is the model's (`ModelConfig.dtype`); parameters and optimizer state stay in
     `ModelConfig.param_dtype`.
+
+    `schedule_steps` is the length of the learning-rate schedule (None: `steps`): linear warmup over
+    `warmup_steps` updates, then a cosine to `lr * min_lr_ratio` at update `schedule_steps - 1`, then that floor
+    for any later update. A run extended past its original end keeps its original schedule and continues at the
+    floor, so its first `schedule_steps` updates are exactly those of the original run.
     """
 
     steps: int = 1000
@@ -40,14 +45,19 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     parallelism: str = "none"  # "none" | "dp" (replicated params) | "fsdp" (sharded params + optimizer state)
+    schedule_steps: int | None = None  # length of the learning-rate schedule; None: steps
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "ckpt_every",
                      "keep_checkpoints", "log_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
-        if not 0 <= self.warmup_steps < self.steps:
-            raise ValueError(f"warmup_steps={self.warmup_steps} must be in [0, steps={self.steps})")
+        if self.schedule_steps is not None and not 0 < self.schedule_steps <= self.steps:
+            raise ValueError(f"schedule_steps={self.schedule_steps} must be in [1, steps={self.steps}] "
+                             "(or None for steps)")
+        if not 0 <= self.warmup_steps < self.schedule_length:
+            bound = "steps" if self.schedule_steps is None else "schedule_steps"
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be in [0, {bound}={self.schedule_length})")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"need lr > 0 and 0 <= min_lr_ratio <= 1, got lr={self.lr}, "
                              f"min_lr_ratio={self.min_lr_ratio}")
@@ -57,11 +67,24 @@ class TrainConfig:
             raise ValueError(f"parallelism={self.parallelism!r} is not one of {', '.join(PARALLELISMS)}")
 
     @property
+    def schedule_length(self) -> int:
+        """Updates the warmup + cosine schedule spans; later updates use the floor learning rate."""
+        return self.steps if self.schedule_steps is None else self.schedule_steps
+
+    @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.seq_len
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"train config: unknown fields {unknown}; allowed: {sorted(known)}")
+        return cls(**d)
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -69,8 +92,9 @@ class TrainConfig:
 
 def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
     """Learning rate of update `count` (0-based): linear warmup to `lr` over `warmup_steps` updates (the first
-    update already uses lr / warmup_steps), then a cosine to `lr * min_lr_ratio` at update `steps - 1`."""
-    warmup, decay_steps = cfg.warmup_steps, max(cfg.steps - 1 - cfg.warmup_steps, 1)
+    update already uses lr / warmup_steps), then a cosine to `lr * min_lr_ratio` at update `schedule_length - 1`,
+    and that floor afterwards."""
+    warmup, decay_steps = cfg.warmup_steps, max(cfg.schedule_length - 1 - cfg.warmup_steps, 1)
     floor = cfg.lr * cfg.min_lr_ratio
 
     def schedule(count):
