@@ -74,10 +74,16 @@ def fresh_cache(tmp_path, monkeypatch):
 
 # -- attnzoo-train: checks before anything is written -----------------------------------------------------------
 
-@pytest.mark.parametrize("plan, option", [("gqa(window=0)*4", "window"), ("gqa(bogus=1)*4", "bogus")])
-def test_bad_mixer_option_exits_2_before_tokenizing(tmp_path, fresh_cache, plan, option):
+@pytest.mark.parametrize("flags, option", [
+    (["--plan", "gqa(window=0)*4"], "window"),
+    (["--plan", "gqa(bogus=1)*4"], "bogus"),
+    (["--plan", "gqa[mlp=moe]*4"], "mlp='moe' must be one of 'swiglu' or none"),
+    (["--kernel", "flash_attention=fast"], "flash_attention: implementation='fast' is not one of 'auto', "),
+    (["--kernel", "flash_attention"], "write OP=IMPL"),
+])
+def test_bad_model_flag_exits_2_before_tokenizing(tmp_path, fresh_cache, flags, option):
     corpus = _write_corpus(tmp_path / "corpus")
-    code, _, err = _run_cli(train_cli.main, [*TINY_ARGS, "--plan", plan, "--data", str(corpus),
+    code, _, err = _run_cli(train_cli.main, [*TINY_ARGS, *flags, "--data", str(corpus),
                                              "--run-dir", str(tmp_path / "run")])
     assert code == 2
     assert "attnzoo-train: error:" in err and option in err and "Traceback" not in err

@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="tiny", help=f"model size: {', '.join(PRESETS)} (default tiny)")
     p.add_argument("--plan", help="layer plan with one entry per layer of the preset, e.g. 'gqa*3,mqa' for tiny "
                                   "(default: GQA in every layer)")
+    p.add_argument("--kernel", action="append", default=[], metavar="OP=IMPL",
+                   help="a kernel op's implementation, e.g. flash_attention=cudnn or flash_attention=mosaic_gpu,triton "
+                        "(tried in order); repeatable; default auto (see pallas_kernels.ops)")
     p.add_argument("--data", nargs="+", default=["stdlib"], help=f"training text; {DATA_HELP} (default stdlib)")
     p.add_argument("--tokenizer", choices=("byte", "bpe"), default="byte")
     p.add_argument("--bpe-vocab", type=int, default=4096, help="BPE vocabulary size (with --tokenizer bpe)")
@@ -120,6 +123,18 @@ def _data_identity(args, corpus) -> dict:
     return identity
 
 
+def _kernel_choices(flags: list[str]) -> dict[str, str | tuple[str, ...]]:
+    """--kernel OP=IMPL[,IMPL...] flags as ModelConfig.kernels (the config checks the names)."""
+    choices = {}
+    for flag in flags:
+        op, sep, implementation = flag.partition("=")
+        if not sep or not op or not implementation:
+            raise ValueError(f"--kernel {flag!r}: write OP=IMPL, e.g. flash_attention=cudnn")
+        names = tuple(implementation.split(","))
+        choices[op] = names[0] if len(names) == 1 else names
+    return choices
+
+
 def _training_config(args, run_dir: Path) -> TrainConfig:
     """Fresh: the preset's training defaults with the flags' overrides; a shortened run shortens the warmup too.
     Resume: the run's saved settings with the flags' overrides; `--steps` may only grow (the schedule keeps its
@@ -149,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Configuration first, data last: a bad flag (ModelConfig checks every plan option) fails before any
         # tokenizing or writing.
-        shape = get_preset(args.preset, plan=args.plan)
+        shape = get_preset(args.preset, plan=args.plan, kernels=_kernel_choices(args.kernel))
         run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(args.preset, shape.plan)
         training = _training_config(args, run_dir)
         if training.seq_len > shape.max_seq_len:

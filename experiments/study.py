@@ -1,0 +1,362 @@
+"""The shared runner of experiments/<study>/: a study declared as data, trained through `attnzoo.train`.
+
+A `Study` is a grid of `Variant`s (layer plans) x seeds, at one of its named `Scale`s (model shape + TrainConfig).
+`run_study` checks every configuration first (all scales, all variants: a bad plan fails before any data is read
+or anything is written), tokenizes the corpus once, trains each (variant, seed) into OUT/runs/<variant>-s<seed>,
+and writes OUT/results.csv, OUT/results.md and the study's own reports (plots, tables). A run that finished with
+the same settings is reused and a half-finished one resumes from its latest checkpoint, so rerunning an
+interrupted study continues it. `main` is the command line every study's run.py calls. See experiments/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import os
+import re
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from flax import nnx
+
+from attnzoo import LanguageModel, ModelConfig
+from attnzoo.data import ByteTokenizer, TokenDataset, stdlib_corpus, text_corpus, unigram_entropy
+from attnzoo.train import ConfigMismatchError, RunDirError, TrainConfig, train
+from attnzoo.train.checkpoint import CHECKPOINT_DIR, RUN_CONFIG_FILE
+
+RUNS_DIR = "runs"
+RESULT_FILE = "result.json"  # a run's record, written once its training finished
+RESULTS_CSV, RESULTS_MD = "results.csv", "results.md"
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+FIELDS_SET_BY_THE_STUDY = ("plan", "vocab_size")  # from the variant and the tokenizer, never from a shape
+# What each run records from model.summary(): fixed by the variant, the same for every seed.
+MODEL_FACTS = ("params", "kv_cache_bytes_per_token", "flops_per_token")
+# Table heading and number format of the metrics the runner records; others (from `evaluate_run`) use ".4g".
+METRIC_FORMATS = {"val_loss": ("val loss", ".4f"), "val_ppl": ("val perplexity", ".2f"),
+                  "tokens_per_s": ("tokens/s", ",.0f")}
+
+# (rows, caption) -> a matplotlib Figure (saved as a PNG) or text (e.g. a paper-style markdown or CSV table)
+ReportFn = Callable[[list[dict[str, Any]], str], Any]
+EvaluateFn = Callable[[LanguageModel, TokenDataset, TrainConfig], Mapping[str, float]]
+
+
+class StudyConfigError(ValueError):
+    """A study's declaration cannot be run: a bad name, plan, model field or training setting."""
+
+
+def _check_model_fields(fields: Mapping[str, Any], owner: str) -> None:
+    set_elsewhere = sorted(set(fields) & set(FIELDS_SET_BY_THE_STUDY))
+    if set_elsewhere:
+        raise StudyConfigError(f"{owner}: model fields {set_elsewhere} are set by the study (the plan by each "
+                               f"variant, vocab_size by the tokenizer); remove them")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One arm of a study: a layer plan (mixer and block options included) and any model fields it changes.
+
+    name: its id in run directories (runs/<name>-s<seed>) and results.csv: letters, digits, '.', '_', '-'.
+    label: how tables and plots show it (default: name).
+    model: ModelConfig fields set on top of the scale's shape for this variant, e.g. {"n_kv_heads": 1}.
+    """
+
+    name: str
+    plan: str
+    label: str = ""
+    model: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if not NAME_PATTERN.match(self.name):
+            raise StudyConfigError(f"variant name {self.name!r}: use letters, digits, '.', '_' and '-' "
+                                   f"(it names run directories)")
+        _check_model_fields(self.model, f"variant {self.name}")
+        if not self.label:
+            object.__setattr__(self, "label", self.name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    """A named size of a study: the model shape all variants share (ModelConfig fields except plan and
+    vocab_size), the training settings, and the seeds run unless the command line names others."""
+
+    model: Mapping[str, Any]
+    training: TrainConfig
+    seeds: tuple[int, ...] = (0,)
+
+    def __post_init__(self):
+        _check_model_fields(self.model, "scale")
+        _check_seeds(self.seeds)
+
+
+def _check_seeds(seeds: Sequence[int]) -> None:
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise StudyConfigError(f"seeds {list(seeds)}: give at least one seed, each once")
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+    """A grid of variants x seeds, trained at one of `scales` on one corpus with byte tokens.
+
+    name: the study's folder under experiments/ (also the default output directory's name).
+    data: "stdlib" (the interpreter's standard-library sources) or text sources for attnzoo.data.text_corpus.
+    """
+
+    name: str
+    variants: tuple[Variant, ...]
+    scales: Mapping[str, Scale]
+    data: str | tuple[str, ...] = "stdlib"
+
+    def __post_init__(self):
+        names = [variant.name for variant in self.variants]
+        if not names or len(set(names)) != len(names):
+            raise StudyConfigError(f"study {self.name}: variants {names} must be non-empty with distinct names")
+        if not self.scales:
+            raise StudyConfigError(f"study {self.name}: declare at least one scale")
+
+    def model_config(self, scale: str, variant: Variant, vocab_size: int) -> ModelConfig:
+        """The variant's ModelConfig at `scale`; a StudyConfigError naming both when it is invalid."""
+        fields = {**self.scales[scale].model, **variant.model, "plan": variant.plan, "vocab_size": vocab_size}
+        try:
+            config = ModelConfig(**fields)
+        except (TypeError, ValueError) as error:  # TypeError: a field ModelConfig does not have
+            raise StudyConfigError(f"study {self.name}, scale {scale}, variant {variant.name}: {error}") from None
+        seq_len = self.scales[scale].training.seq_len
+        if seq_len > config.max_seq_len:
+            raise StudyConfigError(f"study {self.name}, scale {scale}, variant {variant.name}: training seq_len "
+                                   f"{seq_len} exceeds max_seq_len={config.max_seq_len}")
+        return config
+
+    def check(self, vocab_size: int) -> None:
+        """Build the ModelConfig of every variant at every scale, so that a typo in a scale not being run
+        fails now rather than on the GPU later."""
+        for scale in self.scales:
+            for variant in self.variants:
+                self.model_config(scale, variant, vocab_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyResults:
+    records: list[dict[str, Any]]  # one per (variant, seed): runs/<variant>-s<seed>/result.json
+    rows: list[dict[str, Any]]  # one per variant, aggregated over seeds: results.csv
+    table: str  # the markdown table of results.md
+    files: dict[str, Path]  # results.csv, results.md and each report, by file name
+    figures: dict[str, Any]  # the matplotlib Figure of each plot, by file name
+
+
+def cache_dir(out: Path) -> Path:
+    """Where the tokenized corpus goes: $ATTNZOO_CACHE (shared between studies), else OUT/cache."""
+    return Path(os.environ.get("ATTNZOO_CACHE") or out / "cache")
+
+
+def _as_json(value: Any) -> Any:
+    """`value` as a JSON file gives it back (tuples become lists), so that comparisons are like for like."""
+    return json.loads(json.dumps(value))
+
+
+def _write_json(path: Path, value: Any) -> None:
+    """Atomically (a temporary file renamed over it): an interrupted write never leaves half a record."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _finished_record(run_dir: Path, request: dict[str, Any], steps: int) -> dict[str, Any] | None:
+    """The run's record if it finished with exactly the requested settings (final checkpoint on disk), else None."""
+    record_path = run_dir / RESULT_FILE
+    if not record_path.exists() or not (run_dir / CHECKPOINT_DIR / str(steps)).is_dir():
+        return None
+    record = json.loads(record_path.read_text())
+    return record if record["request"] == _as_json(request) else None
+
+
+def _describe(metrics: Mapping[str, float | None]) -> str:
+    return ", ".join(f"{METRIC_FORMATS.get(name, (name,))[0]} {_format(value, name)}"
+                     for name, value in metrics.items() if value is not None)
+
+
+def _format(value: float | None, metric: str) -> str:
+    return "" if value is None else format(value, METRIC_FORMATS.get(metric, ("", ".4g"))[1])
+
+
+def run_study(study: Study, scale: str, out: str | os.PathLike, *, seeds: Sequence[int] | None = None,
+              reports: Mapping[str, ReportFn] | None = None, evaluate_run: EvaluateFn | None = None,
+              progress: bool = True, echo: Callable[[str], None] = print) -> StudyResults:
+    """Train (or reuse) every (variant, seed) of `study` at `scale` into `out`, then write the results.
+
+    seeds: default the scale's. reports: file name -> function(rows, caption) returning a matplotlib Figure or
+    text, written to that file in `out` (see `write_results`). evaluate_run(model, dataset, training) ->
+    {metric: value}: extra measurements of each trained model (e.g. perplexity at other context lengths),
+    recorded with the run and aggregated like val_loss.
+    Raises StudyConfigError for a bad declaration before anything is written, RunDirError when a run directory
+    holds a run with other settings.
+    """
+    if scale not in study.scales:
+        raise StudyConfigError(f"scale {scale!r} is not one of {', '.join(study.scales)} (study {study.name})")
+    training = study.scales[scale].training
+    seeds = tuple(seeds or study.scales[scale].seeds)
+    _check_seeds(seeds)
+    tokenizer = ByteTokenizer()
+    study.check(tokenizer.vocab_size)
+    model_configs = {variant.name: study.model_config(scale, variant, tokenizer.vocab_size)
+                     for variant in study.variants}
+    # Built abstractly (no parameter memory): a mixer rejecting its options fails here, before any data is read.
+    summaries = {name: nnx.eval_shape(lambda config=config: LanguageModel(config, rngs=nnx.Rngs(0)))
+                 .summary(training.seq_len) for name, config in model_configs.items()}
+
+    out = Path(out)
+    try:  # a data source matching no files, or a split shorter than seq_len, is a declaration error too
+        corpus = stdlib_corpus() if study.data == "stdlib" else text_corpus(study.data)
+        dataset = TokenDataset.build(corpus, tokenizer, cache_dir(out))
+        dataset.check_seq_len(training.seq_len)
+    except ValueError as error:
+        raise StudyConfigError(f"study {study.name}, scale {scale}: {error}") from None
+    data = {"name": corpus.name, "fingerprint": corpus.fingerprint, "tokenizer": tokenizer.identity}
+
+    grid = [(variant, seed) for variant in study.variants for seed in seeds]
+    records = []
+    for number, (variant, seed) in enumerate(grid, 1):
+        model_config, summary = model_configs[variant.name], summaries[variant.name]
+        run_training = training.replace(seed=seed)
+        run_dir = out / RUNS_DIR / f"{variant.name}-s{seed}"
+        request = {"model": model_config.to_dict(), "train": run_training.to_dict(), "data": data}
+        prefix = f"run {number}/{len(grid)} {run_dir.name}"
+        record = _finished_record(run_dir, request, run_training.steps)
+        if record is not None:
+            echo(f"{prefix}: reused (finished earlier): {_describe(record['metrics'])}")
+            records.append(record)
+            continue
+        resume = (run_dir / RUN_CONFIG_FILE).exists()
+        echo(f"{prefix} ({variant.label}, plan {model_config.plan}): "
+             + ("resuming from its latest checkpoint" if resume else f"training {run_training.steps} steps"))
+        model = LanguageModel(model_config, rngs=nnx.Rngs(seed))
+        start = time.perf_counter()
+        try:
+            result = train(model, run_training, dataset, run_dir, data=data, tokenizer=tokenizer, resume=resume,
+                           progress=progress, sample_tokens=0, echo=echo)
+        except ConfigMismatchError as error:
+            raise RunDirError(f"{run_dir} holds a run with other settings than scale {scale} of study "
+                              f"{study.name} asks for; choose another output directory or remove that run.\n"
+                              f"{error}") from None
+        metrics = {"val_loss": result.val_loss, "val_ppl": result.val_ppl, "tokens_per_s": result.tokens_per_s}
+        if evaluate_run is not None:
+            metrics.update(evaluate_run(model, dataset, run_training))
+        record = {"study": study.name, "scale": scale, "variant": variant.name, "label": variant.label,
+                  "plan": model_config.plan, "seed": seed, "step": result.step, "request": request,
+                  "model": dict(zip(MODEL_FACTS, (summary.total_params, summary.kv_cache_bytes_per_token,
+                                                  summary.flops_per_token))),
+                  "metrics": metrics}
+        _write_json(run_dir / RESULT_FILE, record)
+        records.append(_as_json(record))
+        echo(f"{prefix}: {_describe(metrics)} ({time.perf_counter() - start:.0f} s)")
+
+    caption = (f"{study.name}, scale {scale}: {training.steps} steps of {training.batch_size} x {training.seq_len} "
+               f"tokens on {corpus.name}; unigram entropy {unigram_entropy(dataset, 'val'):.2f} nats/token")
+    return write_results(aggregate(records), records, out, caption, reports or {})
+
+
+def aggregate(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per variant, in the records' order: its model facts, its seeds, and per metric the mean and the
+    sample standard deviation over seeds (None with one seed; runs without a value, e.g. no tokens/s for a run
+    that was only re-evaluated, are left out)."""
+    runs_by_variant: dict[str, list[Mapping[str, Any]]] = {}
+    for record in records:
+        runs_by_variant.setdefault(record["variant"], []).append(record)
+    rows = []
+    for name, runs in runs_by_variant.items():
+        first = runs[0]
+        row = {"variant": name, "label": first["label"], "plan": first["plan"],
+               "seeds": " ".join(str(run["seed"]) for run in runs), **first["model"]}
+        for metric in first["metrics"]:
+            values = [run["metrics"][metric] for run in runs if run["metrics"].get(metric) is not None]
+            row[f"{metric}_mean"] = statistics.fmean(values) if values else None
+            row[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else None
+        rows.append(row)
+    return rows
+
+
+def metric_names(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    return [key.removesuffix("_mean") for key in rows[0] if key.endswith("_mean")]
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The rows as a markdown table: variant, plan, model facts, then each metric as mean ± std over seeds."""
+    metrics = metric_names(rows)
+    header = ["variant", "plan", "params", "KV-cache B/token", "FLOPs/token",
+              *(METRIC_FORMATS.get(metric, (metric,))[0] for metric in metrics), "seeds"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row["label"], f"`{row['plan']}`", *(f"{row[fact]:,}" for fact in MODEL_FACTS)]
+        for metric in metrics:
+            mean, std = _format(row[f"{metric}_mean"], metric), _format(row[f"{metric}_std"], metric)
+            cells.append(f"{mean} ± {std}" if std else mean)
+        cells.append(row["seeds"])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_results(rows: list[dict[str, Any]], records: list[dict[str, Any]], out: Path, caption: str,
+                  reports: Mapping[str, ReportFn]) -> StudyResults:
+    """results.csv (one row per variant), each report, and results.md (caption, table, links to the reports,
+    plots shown inline) into `out`."""
+    files: dict[str, Path] = {RESULTS_CSV: out / RESULTS_CSV, RESULTS_MD: out / RESULTS_MD}
+    with files[RESULTS_CSV].open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    figures, links = {}, []
+    for file_name, report in reports.items():
+        files[file_name], content = out / file_name, report(rows, caption)
+        if isinstance(content, str):
+            files[file_name].write_text(content)
+            links.append(f"\n[{file_name}]({file_name})\n")
+        else:
+            figures[file_name] = content
+            content.savefig(files[file_name], dpi=110)
+            links.append(f"\n![{file_name}]({file_name})\n")
+    table = markdown_table(rows)
+    files[RESULTS_MD].write_text(f"# {caption}\n\nMean ± sample standard deviation over seeds; per-run records "
+                                 f"in {RUNS_DIR}/<variant>-s<seed>/{RESULT_FILE}.\n\n{table}\n{''.join(links)}")
+    return StudyResults(records, rows, table, files, figures)
+
+
+def scatter_metric(ax, rows: Sequence[Mapping[str, Any]], x: str, metric: str = "val_loss") -> None:
+    """Each variant as one labelled point: column `x` against the metric's mean over seeds, with error bars of
+    one standard deviation when there are several seeds."""
+    for row in rows:
+        ax.errorbar(row[x], row[f"{metric}_mean"], yerr=row[f"{metric}_std"], fmt="o", markersize=7, capsize=4)
+        ax.annotate(row["label"], (row[x], row[f"{metric}_mean"]), textcoords="offset points", xytext=(5, 5))
+    ax.grid(alpha=0.3)
+
+
+def main(study: Study, argv: Sequence[str] | None = None, *, reports: Mapping[str, ReportFn] | None = None,
+         evaluate_run: EvaluateFn | None = None, description: str | None = None) -> int:
+    """The command line of a study's run.py: --scale, --out, --seeds, --no-progress."""
+    parser = argparse.ArgumentParser(prog=f"experiments/{study.name}/run.py", description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", required=True, choices=list(study.scales), help="the study's size")
+    parser.add_argument("--out", help=f"output directory (default {RUNS_DIR}/{study.name}-<scale>); rerunning "
+                                      "into it reuses finished runs and resumes interrupted ones")
+    parser.add_argument("--seeds", type=int, nargs="+", help="seeds of every variant (default: the scale's)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar while training")
+    args = parser.parse_args(argv)
+    import matplotlib
+
+    matplotlib.use("Agg")  # the command only writes image files
+    out = Path(args.out or Path(RUNS_DIR) / f"{study.name}-{args.scale}")
+    try:
+        results = run_study(study, args.scale, out, seeds=args.seeds, reports=reports, evaluate_run=evaluate_run,
+                            progress=not args.no_progress)
+    except (StudyConfigError, RunDirError) as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    except KeyboardInterrupt:
+        print(f"interrupted: rerun the same command to continue (finished runs in {out} are reused, the "
+              f"interrupted one resumes from its latest checkpoint)")
+        return 130
+    print(f"\n{results.table}\n")
+    for path in results.files.values():
+        print(f"wrote {path}")
+    return 0
