@@ -5,6 +5,8 @@ import contextlib
 import io
 import json
 import shutil
+import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -123,6 +125,28 @@ def test_a_failure_before_the_first_checkpoint_removes_what_the_run_wrote(tiny_r
         train_cli.main([*TINY_ARGS, "--data", str(corpus), "--run-dir", str(run_dir)])
     assert run_dir.exists() == existed
     assert not existed or not any(run_dir.iterdir())
+
+
+@pytest.mark.parametrize("stop, code, says", [
+    (lambda: trainer_module.TrainingInterrupted(signal.SIGTERM, step=2), 143, "continue with: attnzoo-train"),
+    (lambda: trainer_module.TrainingInterrupted(signal.SIGINT, step=2), 130, "continue with: attnzoo-train"),
+    (lambda: trainer_module.NonFiniteLossError(3, 3, None, Path("ckpt")), 3, "non-finite loss"),
+])
+def test_a_stopped_run_exits_with_the_signal_or_non_finite_code(tiny_run, tmp_path, monkeypatch, stop, code, says):
+    """SIGTERM / Ctrl-C (the trainer checkpointed and raised) exit 128 + signum with the resume hint; a run of
+    non-finite steps exits 3 with the trainer's message."""
+    corpus, _ = tiny_run
+
+    def stopped(self, until=None):
+        self.save()
+        self.checkpointer.wait()
+        raise stop()
+
+    monkeypatch.setattr(trainer_module.Trainer, "run", stopped)
+    exit_code, out, err = _run_cli(train_cli.main, [*TINY_ARGS, "--data", str(corpus),
+                                                    "--run-dir", str(tmp_path / "run")])
+    assert exit_code == code
+    assert says in out + err
 
 
 def test_a_run_dir_without_a_checkpoint_resumes_from_step_0(tiny_run, tmp_path):

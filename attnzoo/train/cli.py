@@ -31,7 +31,7 @@ from attnzoo.model import LanguageModel
 from attnzoo.train.checkpoint import RUN_CONFIG_FILE, ConfigMismatchError, RunDirError, ensure_no_run, read_run_config
 from attnzoo.train.optim import PARALLELISMS, TrainConfig
 from attnzoo.train.sharding import maybe_initialize_distributed
-from attnzoo.train.trainer import TOKENIZER_DIR, train
+from attnzoo.train.trainer import TOKENIZER_DIR, NonFiniteLossError, TrainingInterrupted, train
 
 # Training defaults per preset. `tiny` is sized to finish on a 2-core CPU in a few minutes.
 PRESET_TRAINING: dict[str, TrainConfig] = {
@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--sample-tokens", type=int, default=200, help="tokens to generate at the end (0: none)")
     p.add_argument("--prompt", help="prompt for the final sample (default 'def ' on stdlib, else a newline)")
+    p.add_argument("--max-bad-steps", type=int, default=10,
+                   help="stop after this many non-finite steps in a row (each is skipped, never applied; default 10)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -193,15 +195,17 @@ def main(argv: list[str] | None = None) -> int:
         result = train(model, training, dataset, run_dir, resume=args.resume, tokenizer=tokenizer,
                        data=_data_identity(args, corpus),
                        sample_prompt=prompt, sample_tokens=args.sample_tokens, progress=not args.no_progress,
-                       loss_baseline=entropy)
+                       loss_baseline=entropy, max_bad_steps=args.max_bad_steps)
     except (RunDirError, ConfigMismatchError) as error:
         parser.exit(2, f"attnzoo-train: error: {error}\n")
-    except KeyboardInterrupt:
+    except NonFiniteLossError as error:
+        parser.exit(3, f"attnzoo-train: error: {error}\n")
+    except KeyboardInterrupt as interrupt:  # Ctrl-C or SIGTERM: the trainer checkpointed the last finished step
         if (run_dir / RUN_CONFIG_FILE).exists():
             print(f"continue with: attnzoo-train --run-dir {run_dir} --resume (and the same model and data flags)")
         else:
             print(f"stopped before the first checkpoint; nothing was kept in {run_dir}")
-        return 130
+        return interrupt.exit_code if isinstance(interrupt, TrainingInterrupted) else 130
     if result.val_loss is not None:
         print(f"final val loss {result.val_loss:.4f} nats/token (unigram entropy {entropy:.4f}), "
               f"perplexity {result.val_ppl:.2f}")

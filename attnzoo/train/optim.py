@@ -132,3 +132,8 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 def current_learning_rate(opt_state) -> jax.Array:
     """The learning rate the latest update used (state made by `make_optimizer`)."""
     return opt_state[1].hyperparams["learning_rate"]
+
+
+def applied_updates(opt_state) -> int:
+    """How many updates the optimizer (made by `make_optimizer`) has applied: skipped steps do not count."""
+    return int(opt_state[1].count)

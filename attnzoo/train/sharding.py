@@ -46,6 +46,13 @@ def is_primary_process() -> bool:
     return jax.process_index() == 0
 
 
+def uses_preemption_service() -> bool:
+    """Whether SIGTERM goes to JAX's preemption service: in a run joined by `jax.distributed.initialize()` (with
+    the service on, its default) the service catches SIGTERM in any process and tells all of them, and
+    `multihost_utils.reached_preemption_sync_point(step)` returns True at the same step everywhere."""
+    return jax.process_count() > 1 and jax.distributed.is_initialized() and jax.config.jax_enable_preemption_service
+
+
 def sync_processes(name: str) -> None:
     """A barrier across processes (nothing to do in a single-process run)."""
     if jax.process_count() > 1:

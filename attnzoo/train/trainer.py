@@ -5,6 +5,14 @@ passed through unchanged. The model computes in `ModelConfig.dtype`. A jitted
 `train_step(params, opt_state, x, y) -> params, opt_state, metrics` does one AdamW update on
 loss = mean cross-entropy over targets != IGNORE_INDEX + out.aux_loss.
 
+A step whose loss or gradient norm is not finite is skipped: params and optimizer state come out unchanged (so
+the learning-rate schedule does not advance either), metrics["skipped"] is 1, and the batch still counts as
+consumed: the trainer's step (its data position) advances, so a checkpoint written after skipped steps holds a
+finite state. `max_bad_steps` skipped steps in a row stop the run with NonFiniteLossError, without a checkpoint.
+
+SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption notice) both finish the current step, checkpoint it and
+raise TrainingInterrupted; `--resume` then continues bit-exactly.
+
 A run directory collects metrics.jsonl (one JSON line per log step and per evaluation), checkpoints/, loss.png
 and sample.txt; see `attnzoo.train.checkpoint` for its layout and for resuming.
 """
@@ -25,13 +33,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from attnzoo.data.dataset import IGNORE_INDEX
 from attnzoo.generate import generate
-from attnzoo.train.checkpoint import Checkpointer, prepare_run_dir
-from attnzoo.train.optim import TrainConfig, current_learning_rate, make_optimizer
-from attnzoo.train.sharding import Placement, is_primary_process
+from attnzoo.train.checkpoint import Checkpointer, discard_run_dir, has_checkpoint, prepare_run_dir
+from attnzoo.train.optim import TrainConfig, applied_updates, current_learning_rate, make_optimizer
+from attnzoo.train.sharding import Placement, is_primary_process, uses_preemption_service
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
@@ -55,6 +64,38 @@ def loss_fn(params, graphdef, rest, x_BT, y_BT) -> tuple[jax.Array, dict[str, ja
     return ce + out.aux_loss, {"ce": ce, "aux_loss": out.aux_loss, **out.metrics}
 
 
+class NonFiniteLossError(RuntimeError):
+    """`bad_steps` training steps in a row, ending at `step`, had a non-finite loss or gradient norm. Their updates
+    were skipped (so any checkpoint written among them holds the last good parameters) and the run stopped without
+    checkpointing `step`: `last_checkpoint_step` (None when there is none) is the latest checkpoint, a finite
+    state to resume from once the cause is fixed."""
+
+    def __init__(self, step: int, bad_steps: int, last_checkpoint_step: int | None, checkpoint_dir: Path):
+        self.step, self.bad_steps, self.last_checkpoint_step = step, bad_steps, last_checkpoint_step
+        checkpoint = ("no checkpoint was written yet" if last_checkpoint_step is None else
+                      f"the last good checkpoint is step {last_checkpoint_step} in {checkpoint_dir}")
+        super().__init__(
+            f"step {step}: {bad_steps} steps in a row (steps {step - bad_steps + 1}-{step}) had a non-finite loss "
+            f"or gradient norm; their updates were skipped, so the parameters are those of step "
+            f"{step - bad_steps}. Training stopped without a final checkpoint; {checkpoint}. Lower the learning rate or "
+            f"check the data of those steps before resuming")
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on signal `signum` (SIGINT: Ctrl-C, SIGTERM: a scheduler's preemption notice) after
+    checkpointing `step` (None when a second signal interrupted at once, without a new checkpoint). A shell
+    reports such an exit as 128 + signum: 130 for SIGINT, 143 for SIGTERM."""
+
+    def __init__(self, signum: int, step: int | None):
+        self.signum, self.step = signum, step
+        super().__init__(f"{signal.Signals(signum).name}"
+                         + (f": checkpoint saved at step {step}" if step is not None else ""))
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
 def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation,
                      placement: Placement | None = None):
     """`(graphdef, params, rest, opt_state)` of `model`, placed on the mesh when there is a placement
@@ -70,17 +111,25 @@ def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation,
 def make_train_step(graphdef, rest, optimizer: optax.GradientTransformation,
                     placement: Placement | None = None) -> Callable:
     """A jitted `train_step(params, opt_state, x, y) -> (params, opt_state, metrics)` for an optimizer made by
-    `make_optimizer`. Params and opt_state are donated; with a placement they keep their shardings."""
+    `make_optimizer`. Params and opt_state are donated; with a placement they keep their shardings.
+
+    When the loss or the gradient norm is not finite, params and opt_state are returned unchanged and
+    metrics["skipped"] is 1 (else 0)."""
 
     def step(params, opt_state, rest, x_BT, y_BT):
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, graphdef, rest, x_BT, y_BT)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt_state = optimizer.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        # A select rather than lax.cond: the outputs still alias the donated inputs, and the cost is one pass.
+        params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                         (new_params, new_opt_state), (params, opt_state))
         if placement is not None:
             params = jax.lax.with_sharding_constraint(params, placement.state_shardings(params))
             opt_state = jax.lax.with_sharding_constraint(opt_state, placement.state_shardings(opt_state))
-        metrics = {"loss": loss, **metrics, "grad_norm": optax.global_norm(grads),
-                   "lr": current_learning_rate(opt_state)}
+        metrics = {"loss": loss, **metrics, "grad_norm": grad_norm, "lr": current_learning_rate(opt_state),
+                   "skipped": jnp.logical_not(finite).astype(jnp.int32)}
         return params, opt_state, metrics
 
     jitted = jax.jit(step, donate_argnums=(0, 1))
@@ -140,24 +189,54 @@ class _Throughput:
         return None if self.start is None else self._rate(step - self.start_step, self.start)
 
 
-class _DeferredInterrupt:
-    """Turns the first Ctrl-C into a flag the loop checks between steps, so that the checkpoint it then writes
-    holds a consistent (step, params, opt_state); a second Ctrl-C raises at once."""
+class _DeferredSignals:
+    """Turns the first of `signums` into a request (its signal number) that the loop checks between steps, so
+    that the checkpoint it then writes holds a consistent (step, params, opt_state); a second one raises
+    TrainingInterrupted at once. Handlers can only be installed from the main thread; elsewhere signals keep
+    their default behaviour."""
 
-    def __enter__(self) -> "_DeferredInterrupt":
-        self.requested, self._previous = False, None
+    def __init__(self, signums: tuple[int, ...]):
+        self.signums = signums
+
+    def __enter__(self) -> "_DeferredSignals":
+        self.requested: int | None = None
+        self._previous: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in self.signums}
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+        if self.requested is not None:
+            raise TrainingInterrupted(signum, step=None)
+        self.requested = signum
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+
+
+class _SkippedSteps:
+    """Counts skipped (non-finite) steps and the current run of them. The per-step flags are read one step late,
+    so that the host never waits for the step it has just dispatched."""
+
+    def __init__(self, max_in_a_row: int, total: int = 0):
+        self.max_in_a_row, self.total, self.in_a_row = max_in_a_row, total, 0
+        self._pending: list[tuple[int, jax.Array]] = []  # (step, its "skipped" flag on device), oldest first
+
+    def add(self, step: int, skipped: jax.Array) -> None:
+        self._pending.append((step, skipped))
+
+    def settle(self, keep_latest: int = 0) -> int | None:
+        """Read all pending flags but the latest `keep_latest`; returns the step at which `max_in_a_row` skipped
+        steps in a row were reached, if they were."""
+        cut = max(len(self._pending) - keep_latest, 0)
+        ready, self._pending = self._pending[:cut], self._pending[cut:]
+        for step, skipped in zip([step for step, _ in ready], jax.device_get([flag for _, flag in ready])):
+            self.in_a_row = self.in_a_row + 1 if skipped else 0
+            self.total += bool(skipped)
+            if self.in_a_row >= self.max_in_a_row:
+                return step
+        return None
 
 
 class MetricsLog:
@@ -230,13 +309,17 @@ class Trainer:
     `run_dir` must already be prepared (`prepare_run_dir`, or use `train`). After training, a sample continuing
     `sample_prompt` is generated with `tokenizer` (skipped when there is no tokenizer or sample_tokens == 0).
     The model's parameter arrays are donated to the first step: read the trained model from `trainer.model`.
+    `max_bad_steps` non-finite (skipped) steps in a row raise NonFiniteLossError.
     """
 
     def __init__(self, model: nnx.Module, config: TrainConfig, dataset, run_dir: str | Path, *,
                  tokenizer=None, sample_prompt: str = "\n", sample_tokens: int = 200,
                  sample_temperature: float = 0.8, echo: Callable[[str], None] = print, progress: bool = True,
-                 loss_baseline: float | None = None):
+                 loss_baseline: float | None = None, max_bad_steps: int = 10):
+        if max_bad_steps <= 0:
+            raise ValueError(f"max_bad_steps={max_bad_steps} must be positive")
         self.config, self.dataset, self.run_dir = config, dataset, Path(run_dir)
+        self.max_bad_steps = max_bad_steps
         self.tokenizer, self.sample_prompt, self.sample_tokens = tokenizer, sample_prompt, sample_tokens
         self.sample_temperature, self.echo, self.progress = sample_temperature, echo, progress
         self.loss_baseline = loss_baseline
@@ -281,8 +364,11 @@ class Trainer:
     def run(self, until: int | None = None) -> TrainResult:
         """Train up to step `until` (default: config.steps), logging, evaluating and checkpointing on the way.
 
-        A checkpoint is written at `until`. The first Ctrl-C finishes the current step, checkpoints it and raises
-        KeyboardInterrupt; a second one interrupts at once.
+        A checkpoint is written at `until`. The first SIGINT (Ctrl-C) or SIGTERM finishes the current step,
+        checkpoints it and raises TrainingInterrupted (a KeyboardInterrupt); a second one interrupts at once. In a
+        multi-process run SIGTERM goes through JAX's preemption service instead, so that every process stops and
+        checkpoints at the same step even when only some of them received it. `max_bad_steps` skipped
+        (non-finite) steps in a row raise NonFiniteLossError without checkpointing.
         """
         cfg = self.config
         until = cfg.steps if until is None else min(until, cfg.steps)
@@ -290,19 +376,42 @@ class Trainer:
                    disable=not (self.progress and is_primary_process()))
         speed = _Throughput(cfg.tokens_per_step)
         last_eval: dict[str, float] | None = None
-        with _DeferredInterrupt() as interrupt:
+        skipped = _SkippedSteps(self.max_bad_steps, total=self.step - applied_updates(self.opt_state))
+        preemption_service = uses_preemption_service()
+
+        def check_skipped(keep_latest: int = 0) -> None:
+            if (abort_step := skipped.settle(keep_latest)) is not None:
+                bar.close()
+                self.checkpointer.wait()
+                raise NonFiniteLossError(abort_step, skipped.in_a_row, self.checkpointer.latest_step(),
+                                         self.checkpointer.directory)
+
+        def checkpoint_and_stop(signum: int) -> None:
+            bar.close()
+            self.save()
+            self.checkpointer.wait()
+            self.echo(f"{signal.Signals(signum).name}: checkpoint saved at step {self.step} in "
+                      f"{self.checkpointer.directory}")
+            raise TrainingInterrupted(signum, self.step)
+
+        deferred = (signal.SIGINT,) if preemption_service else (signal.SIGINT, signal.SIGTERM)
+        with _DeferredSignals(deferred) as signals:
             while self.step < until:
                 x, y = self.dataset.batch("train", self.step, cfg.batch_size, cfg.seq_len, cfg.seed)
                 self.params, self.opt_state, metrics = self.train_step(
                     self.params, self.opt_state, self._place_batch(x), self._place_batch(y))
                 self.step += 1
                 bar.update(1)
+                skipped.add(self.step, metrics["skipped"])
+                check_skipped(keep_latest=1)
                 if speed.start is None:  # the first step compiles: time throughput from its end
                     jax.block_until_ready(metrics["loss"])
                     speed.begin(self.step)
                 if self.step % cfg.log_every == 0 or self.step == until:
+                    check_skipped()
                     record = {"kind": "train", "step": self.step, "tokens": self.step * cfg.tokens_per_step,
-                              **{k: float(v) for k, v in jax.device_get(metrics).items()}}
+                              **{k: float(v) for k, v in jax.device_get(metrics).items()},
+                              "skipped_steps": skipped.total}
                     if (tokens_per_s := speed.window(self.step)) is not None:
                         record["tokens_per_s"] = tokens_per_s
                         bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
@@ -311,6 +420,7 @@ class Trainer:
                 save_due = self.step % cfg.ckpt_every == 0 or self.step == until
                 if eval_due or save_due:
                     jax.block_until_ready(self.params)  # updates still in flight count as training time
+                    check_skipped()  # never checkpoint past the step that ends a run of max_bad_steps
                     pause_start = time.perf_counter()
                     if eval_due:
                         last_eval = self.evaluate()
@@ -321,15 +431,17 @@ class Trainer:
                     if save_due:
                         self.save()
                     speed.exclude(time.perf_counter() - pause_start)
-                if interrupt.requested:
-                    bar.close()
-                    self.save()
-                    self.checkpointer.wait()
-                    self.echo(f"interrupted: checkpoint saved at step {self.step} in {self.checkpointer.directory}")
-                    raise KeyboardInterrupt
-        tokens_per_s = speed.overall(self.step)
-        bar.close()
-        self.checkpointer.wait()
+                # Every process calls the preemption sync point at every step, as JAX requires.
+                preempted = preemption_service and multihost_utils.reached_preemption_sync_point(self.step)
+                if signals.requested is not None or preempted:
+                    check_skipped()
+                    checkpoint_and_stop(signal.SIGTERM if preempted else signals.requested)
+            check_skipped()
+            tokens_per_s = speed.overall(self.step)
+            bar.close()
+            self.checkpointer.wait()  # a signal arriving now waits for the last checkpoint, then stops the run
+            if signals.requested is not None:
+                checkpoint_and_stop(signals.requested)
         finished = self.step == cfg.steps
         if finished and last_eval is None:  # resumed an already finished run
             last_eval = self.evaluate()
@@ -365,18 +477,27 @@ def run_config(model_config, train_config: TrainConfig, data: dict[str, Any], to
 
 def train(model: nnx.Module, config: TrainConfig, dataset, run_dir: str | Path, *, data: dict[str, Any],
           tokenizer, resume: bool = False, **trainer_options) -> TrainResult:
-    """Prepare `run_dir` (fresh: write run.json and the tokenizer; resume: check the saved config), then train
-    to `config.steps`, continuing from the latest checkpoint when resuming. `model` ends up holding the trained
-    parameters."""
+    """Prepare `run_dir` (fresh: write run.json and the tokenizer; resume: check the saved config, which may
+    differ only by more `steps`), then train to `config.steps`, continuing from the latest checkpoint when
+    resuming. A fresh run that fails before its first checkpoint removes what it wrote, so that `run_dir` can be
+    used again. `model` ends up holding the trained parameters."""
+    config = config.replace(schedule_steps=config.schedule_length)  # run.json records the schedule in use
+    run_dir = Path(run_dir)
+    run_dir_existed = run_dir.exists()
     prepare_run_dir(run_dir, run_config(model.config, config, data, tokenizer), resume)
-    if not resume and is_primary_process():
-        tokenizer.save(Path(run_dir) / TOKENIZER_DIR)
-    trainer = Trainer(model, config, dataset, run_dir, tokenizer=tokenizer, **trainer_options)
     try:
-        if resume:
-            trainer.restore_latest()
-        result = trainer.run()
-    finally:
-        trainer.close()
+        if is_primary_process() and not (run_dir / TOKENIZER_DIR).exists():
+            tokenizer.save(run_dir / TOKENIZER_DIR)
+        trainer = Trainer(model, config, dataset, run_dir, tokenizer=tokenizer, **trainer_options)
+        try:
+            if resume:
+                trainer.restore_latest()
+            result = trainer.run()
+        finally:
+            trainer.close()
+    except BaseException:
+        if not resume and is_primary_process() and not has_checkpoint(run_dir):
+            discard_run_dir(run_dir, keep_directory=run_dir_existed)
+        raise
     nnx.update(model, trainer.params)
     return result
