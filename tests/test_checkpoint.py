@@ -10,7 +10,7 @@ from flax import nnx
 from orbax.checkpoint._src.path import atomicity
 
 from attnzoo import LanguageModel, ModelConfig
-from attnzoo.data import ByteTokenizer, TokenDataset
+from attnzoo.data import ByteTokenizer
 from attnzoo.train import (Checkpointer, ConfigMismatchError, RunDirError, TrainConfig, Trainer, learning_rate_schedule,
                            prepare_run_dir)
 from attnzoo.train.trainer import run_config
@@ -18,14 +18,6 @@ from attnzoo.train.trainer import run_config
 TINY = ModelConfig(vocab_size=259, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2)
 TRAINING = TrainConfig(steps=8, batch_size=4, seq_len=16, warmup_steps=2, lr=1e-2, eval_every=4, eval_batches=2,
                        ckpt_every=4, log_every=1)
-
-
-@pytest.fixture(scope="module")
-def dataset():
-    rng = np.random.default_rng(0)
-    text = " ".join(rng.choice(["alpha", "beta", "gamma", "delta", "pi"], 3000))
-    tokens = np.frombuffer(text.encode(), np.uint8).astype(np.uint16)
-    return TokenDataset({"train": tokens[:-2000], "val": tokens[-2000:]}, ByteTokenizer())
 
 
 def _trainer(run_dir, dataset, config=TRAINING):

@@ -156,8 +156,8 @@ def test_block_options_remove_or_resize_the_mlp():
     assert model.blocks[1].mlp.up_proj.out_features == 96
     assert model.blocks[2].mlp.up_proj.out_features == cfg.mlp_width
     rows = dict(model.summary().rows)
-    assert rows[f"layer0 mlp+norms"] == 32  # the mixer's norm only
-    assert rows[f"layer1 mlp+norms"] == 2 * 32 + 3 * 32 * 96
+    assert rows["layer0 mlp+norms"] == 32  # the mixer's norm only
+    assert rows["layer1 mlp+norms"] == 2 * 32 + 3 * 32 * 96
     # A block without an MLP is x + mixer(norm(x)) exactly.
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 50, (1, 6)), jnp.int32)
     x = model.embed(tokens)

@@ -21,7 +21,6 @@ import pytest
 from flax import nnx
 
 from attnzoo import LanguageModel, ModelConfig
-from attnzoo.data import ByteTokenizer, TokenDataset
 from attnzoo.train import Checkpointer, TrainConfig, Trainer, make_optimizer, make_train_step
 from attnzoo.train.optim import applied_updates
 from attnzoo.train.trainer import NonFiniteLossError
@@ -47,14 +46,6 @@ class PoisonedDataset:
 
     def eval_batches(self, *args, **kwargs):
         return self.dataset.eval_batches(*args, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def dataset():
-    rng = np.random.default_rng(0)
-    text = " ".join(rng.choice(["alpha", "beta", "gamma", "delta", "pi"], 3000))
-    tokens = np.frombuffer(text.encode(), np.uint8).astype(np.uint16)
-    return TokenDataset({"train": tokens[:-2000], "val": tokens[-2000:]}, ByteTokenizer())
 
 
 def _trainer(run_dir, data, config=TRAINING, **options):
