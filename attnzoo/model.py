@@ -89,7 +89,7 @@ class LanguageModel(nnx.Module):
     # -- forward -------------------------------------------------------------------------------------------
     def __call__(self, tokens_BT, *, segment_ids_BT=None, positions_BT=None, caches: DecodeState | None = None,
                  lengths_B=None, mode: Mode = "full", skip_layers: tuple[int, ...] = (), side_tokens_BS=None,
-                 check_capacity: bool = True) -> ModelOutput:
+                 diagnostics: bool = False, check_capacity: bool = True) -> ModelOutput:
         """Score `tokens_BT`.
 
         mode="full" scores whole sequences. "prefill" fills the empty `caches` (from `init_caches`) with
@@ -98,7 +98,7 @@ class LanguageModel(nnx.Module):
         the caller sized the caches, as `generate` does). The returned `caches` are the updated decode state.
         `skip_layers` drops those layers (evaluation with layers removed). `side_tokens_BS` ([B or 1, S]) is a
         second stream run through the same stack beside the batch; each mixer sees its hidden state as
-        `ctx.side_BSD`.
+        `ctx.side_BSD`. `diagnostics=True` (evaluation) adds the mixers' attention diagnostics to `metrics`.
         """
         b, t = tokens_BT.shape
         if mode != "full" and caches is None:
@@ -118,7 +118,7 @@ class LanguageModel(nnx.Module):
             positions_BT = start_B[:, None] + jnp.arange(t)[None, :]
         x = self.embed(tokens_BT)
         ctx = ForwardContext(mode, positions_BT, segment_ids_BT, lengths_B if mode != "full" else None,
-                             input_embeddings_BTD=x)
+                             input_embeddings_BTD=x, diagnostics=diagnostics)
         side, side_ctx = None, None
         if side_tokens_BS is not None:
             side = self.embed(side_tokens_BS)

@@ -47,6 +47,9 @@ class ForwardContext:
     # normalised hidden state at this layer's mixer input, [B or 1, S, D]; None when the model has no side stream
     # (and inside the side stream's own pass).
     side_BSD: jax.Array | None = None
+    # Evaluation only: softmax mixers add attention diagnostics (attnzoo.diagnostics) and other per-layer
+    # statistics (gate means, head load) to their metrics; off in training, so it costs nothing there.
+    diagnostics: bool = False
 
 
 class MixerOutput(NamedTuple):

@@ -21,6 +21,7 @@ from flax import nnx
 from attnzoo.attention import attention, cached_attention
 from attnzoo.cache import write_at
 from attnzoo.config import ModelConfig
+from attnzoo.diagnostics import attention_diagnostics
 from attnzoo.layers import RMSNorm, apply_rope, dense
 from attnzoo.mixers.base import (ForwardContext, Mixer, MixerOutput, SharedParams, Supports, average_context,
                                  dtype_bytes)
@@ -123,6 +124,7 @@ class GQAttention(Mixer):
     def __call__(self, x_BTD, ctx: ForwardContext, cache: KVCache | None = None) -> MixerOutput:
         q_BTHE, k_BTKE, v_BTKE = self._project(x_BTD, ctx.positions_BT)
         b, t = x_BTD.shape[:2]
+        metrics = {}
         if ctx.mode == "decode":
             cache = cache.write(k_BTKE, v_BTKE, ctx.lengths_B)
             o_BTHE = cached_attention(q_BTHE, cache.k_BSKE, cache.v_BSKE, ctx.lengths_B + t,
@@ -131,10 +133,14 @@ class GQAttention(Mixer):
         else:
             o_BTHE = attention(q_BTHE, k_BTKE, v_BTKE, causal=True, sliding_window=self.window,
                                segment_ids_BT=ctx.segment_ids_BT, logits_soft_cap=self.soft_cap,
-                               implementation=self.flash_implementation)
+                               return_lse=ctx.diagnostics, implementation=self.flash_implementation)
+            if ctx.diagnostics:
+                o_BTHE, lse_BHT = o_BTHE
+                metrics = attention_diagnostics(q_BTHE, k_BTKE, lse_BHT, scale=self.head_dim**-0.5,
+                                                sliding_window=self.window, logits_soft_cap=self.soft_cap)
             if ctx.mode == "prefill":
                 cache = cache.write(k_BTKE, v_BTKE, jnp.zeros((b,), jnp.int32))
-        return MixerOutput(self.o_proj(o_BTHE.reshape(b, t, self.n_heads * self.head_dim)), cache)
+        return MixerOutput(self.o_proj(o_BTHE.reshape(b, t, self.n_heads * self.head_dim)), cache, metrics=metrics)
 
     def init_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache.empty(batch, max_len, self.n_kv_heads, self.head_dim, self.cache_dtype)
