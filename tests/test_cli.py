@@ -239,6 +239,24 @@ def test_eval_reproduces_the_final_val_loss_and_skipping_layers_changes_it(tiny_
     assert code == 0 and "perplexity" in table and "all" in table and "windows of 32" in table
 
 
+def test_eval_diagnostics_average_the_models_per_layer_metrics(tiny_run):
+    _, run_dir = tiny_run
+    code, out, err = _run_cli(eval_cli.main, ["--run-dir", str(run_dir), "--diagnostics", "--json"])
+    assert code == 0, err
+    diagnostics = json.loads(out)["diagnostics"]
+    run = load_run(run_dir)
+    dataset = TokenDataset.from_cache(run.config["data"]["name"], run.config["data"]["fingerprint"], run.tokenizer,
+                                      train_cli.cache_dir())
+    batches = list(dataset.eval_batches("val", run.training.batch_size, run.training.seq_len,
+                                        run.training.eval_batches))
+    per_batch = [run.model(x_BT, diagnostics=True).metrics for x_BT, _ in batches]
+    assert set(diagnostics) == set(per_batch[0]) and "layer3/sink_share" in diagnostics
+    for name in diagnostics:
+        assert diagnostics[name] == pytest.approx(np.mean([float(m[name]) for m in per_batch]), rel=1e-5), name
+    code, table, _ = _run_cli(eval_cli.main, ["--run-dir", str(run_dir), "--diagnostics"])
+    assert code == 0 and "sink_share" in table and "layer3" in table
+
+
 def test_cli_bad_inputs_exit_2_with_a_clear_message(tiny_run, tmp_path):
     _, run_dir = tiny_run
     (tmp_path / "empty").mkdir()

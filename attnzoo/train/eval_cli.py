@@ -3,6 +3,7 @@
     attnzoo-eval --run-dir runs/x                          # the run's validation split, as training evaluated it
     attnzoo-eval --run-dir runs/x --data notes/ --max-batches 0 --json
     attnzoo-eval --run-dir runs/x --skip-layers 1,3        # how much do layers 1 and 3 matter?
+    attnzoo-eval --run-dir runs/x --diagnostics            # per-layer attention sink share, entropy, max |logit|
 
 Text is tokenized with the run's tokenizer. Without --data, the run's own corpus is read back from the token
 cache ($ATTNZOO_CACHE, else ~/.cache/attnzoo) that training filled. Scoring takes consecutive windows of
@@ -19,7 +20,7 @@ from attnzoo.data import TokenDataset, stdlib_corpus, text_corpus
 from attnzoo.data.corpus import DATA_HELP, SPLITS
 from attnzoo.train.checkpoint import RunDirError
 from attnzoo.train.cli import cache_dir
-from attnzoo.train.runs import LoadedRun, evaluate_model, load_run, scored_tokens
+from attnzoo.train.runs import LoadedRun, diagnose_model, evaluate_model, load_run, scored_tokens
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-layers", help="comma-separated layer indices to remove, e.g. 1,3; the table then shows "
                                          "the loss with and without them")
     p.add_argument("--step", type=int, help="checkpoint step to use (default: the latest)")
+    p.add_argument("--diagnostics", action="store_true",
+                   help="also report each layer's evaluation diagnostics (attention sink share, entropy, max |logit|, "
+                        "and what each mixer adds), averaged over the scored windows")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return p
 
@@ -112,10 +116,12 @@ def main(argv: list[str] | None = None) -> int:
         scores = evaluate_model(run.model, dataset, args.split, batch_size, seq_len, max_batches, skip)
         results.append({"skip_layers": list(skip), "loss": scores["val_loss"], "perplexity": scores["val_ppl"]})
     tokens = scored_tokens(dataset, args.split, batch_size, seq_len, max_batches)
+    diagnostics = (diagnose_model(run.model, dataset, args.split, batch_size, seq_len, max_batches, skip_layers)
+                   if args.diagnostics else {})
     if args.json:
         print(json.dumps({"run_dir": str(run.run_dir), "step": run.step, "data": description, "split": args.split,
                           "seq_len": seq_len, "batch_size": batch_size, "max_batches": max_batches,
-                          "scored_tokens": tokens, "results": results}))
+                          "scored_tokens": tokens, "results": results, "diagnostics": diagnostics}))
         return 0
     print(f"run {run.run_dir}, checkpoint step {run.step}")
     print(f"data: {description}, {args.split} split ({dataset.num_tokens(args.split):,} tokens); "
@@ -125,7 +131,22 @@ def main(argv: list[str] | None = None) -> int:
         skipped = result["skip_layers"]
         label = "all" if not skipped else "without " + ",".join(map(str, skipped))
         print(f"{label:<24}{result['loss']:>10.4f}{result['perplexity']:>14.2f}")
+    if diagnostics:
+        print_diagnostics(diagnostics)
     return 0
+
+
+def print_diagnostics(diagnostics: dict[str, float]) -> None:
+    """One row per layer, one column per diagnostic ('layer3/entropy' -> row layer3, column entropy)."""
+    rows: dict[str, dict[str, float]] = {}
+    for key, value in diagnostics.items():
+        layer, _, name = key.partition("/")
+        rows.setdefault(layer, {})[name] = value
+    columns = sorted({name for row in rows.values() for name in row})
+    print(f"{'layer':<10}" + "".join(f"{name:>14}" for name in columns))
+    for layer in sorted(rows, key=lambda name: int(name.removeprefix("layer"))):
+        print(f"{layer:<10}" + "".join(f"{rows[layer][name]:>14.4f}" if name in rows[layer] else f"{'-':>14}"
+                                      for name in columns))
 
 
 if __name__ == "__main__":

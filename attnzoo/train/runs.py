@@ -67,6 +67,24 @@ def evaluate_model(model: LanguageModel, dataset: TokenDataset, split: str, batc
     return evaluate(lambda p, x_BT, y_BT: eval_step(p, rest, x_BT, y_BT), params, batches, batch_size)
 
 
+def diagnose_model(model: LanguageModel, dataset: TokenDataset, split: str, batch_size: int, seq_len: int,
+                   max_batches: int | None = None, skip_layers: tuple[int, ...] = ()) -> dict[str, float]:
+    """The mixers' evaluation diagnostics (`model(..., diagnostics=True)`, e.g. `layer0/sink_share`) averaged over
+    the split's windows (`max_logit`-style maxima too: the mean of per-batch values)."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    @jax.jit
+    def metrics_of(params, rest, x_BT):
+        return nnx.merge(graphdef, params, rest)(x_BT, skip_layers=skip_layers, diagnostics=True).metrics
+
+    totals, batches = {}, 0
+    for x_BT, _ in dataset.eval_batches(split, batch_size, seq_len, max_batches):
+        for name, value in metrics_of(params, rest, x_BT).items():
+            totals[name] = totals.get(name, 0.0) + value
+        batches += 1
+    return {name: float(total) / batches for name, total in sorted(totals.items())}
+
+
 def scored_tokens(dataset: TokenDataset, split: str, batch_size: int, seq_len: int,
                   max_batches: int | None = None) -> int:
     """How many targets `evaluate_model` scores with these settings."""
