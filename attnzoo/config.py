@@ -224,16 +224,18 @@ class ModelConfig:
                 raise ValueError(f"plan: layers tagged @{spec.share} share one block and must be identical, got "
                                  f"{tagged[spec.share]} and {spec}")
             try:
-                entry = registry.get_mixer(spec.mixer)
-                options = entry.resolve(spec.kwargs)
-                entry.cls.check(options, self)
-                block = registry.make_options("block", BlockOptions, dict(spec.block))
+                layer_options.append(registry.get_mixer(spec.mixer).resolve(spec.kwargs))
+                block_options.append(registry.make_options("block", BlockOptions, dict(spec.block)))
             except ValueError as error:
                 raise ValueError(f"plan: layer {i} ({spec}): {error}") from None
-            layer_options.append(options)
-            block_options.append(block)
         object.__setattr__(self, "layer_options", tuple(layer_options))
         object.__setattr__(self, "block_options", tuple(block_options))
+        # Checks against the model run once every layer is resolved, so a mixer may look at the other layers.
+        for i, (spec, options) in enumerate(zip(layers, layer_options)):
+            try:
+                registry.get_mixer(spec.mixer).cls.check(options, self)
+            except ValueError as error:
+                raise ValueError(f"plan: layer {i} ({spec}): {error}") from None
 
     @property
     def kv_heads(self) -> int:

@@ -57,8 +57,13 @@ class Block(nnx.Module):
 
 def _build_shared(config: ModelConfig, rngs: nnx.Rngs) -> SharedParams:
     modules: dict[str, nnx.Module] = {}
+    asked: set[tuple[type, object]] = set()
     for spec, options in zip(config.layers, config.layer_options):
-        for key, module in get_mixer(spec.mixer).cls.make_shared(config, options, rngs).items():
+        mixer = get_mixer(spec.mixer).cls
+        if (mixer, options) in asked:  # layers of one kind and options ask once, not once per layer
+            continue
+        asked.add((mixer, options))
+        for key, module in mixer.make_shared(config, options, rngs).items():
             modules.setdefault(key, module)
     return SharedParams(modules)
 

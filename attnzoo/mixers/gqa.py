@@ -71,7 +71,7 @@ class KVCache:
         return KVCache(write_at(self.k_BSKE, k_BTKE, at_B), write_at(self.v_BSKE, v_BTKE, at_B))
 
 
-def _heads(config: ModelConfig, opts: GQAOptions) -> tuple[int, int, int]:
+def heads(config: ModelConfig, opts: GQAOptions) -> tuple[int, int, int]:
     """(query heads, kv heads, head dim) after the model's defaults."""
     n_heads = opts.n_heads or config.n_heads
     kv = opts.n_kv_heads if opts.n_kv_heads is not None else config.kv_heads
@@ -84,7 +84,7 @@ class GQAttention(Mixer):
 
     @classmethod
     def check(cls, options: GQAOptions, config: ModelConfig) -> None:
-        n_heads, n_kv_heads, head_dim = _heads(config, options)
+        n_heads, n_kv_heads, head_dim = heads(config, options)
         if n_heads % n_kv_heads:
             raise ValueError(f"n_kv_heads={n_kv_heads} must divide n_heads={n_heads}")
         if options.rope and head_dim % 2:
@@ -92,7 +92,7 @@ class GQAttention(Mixer):
 
     def __init__(self, config: ModelConfig, options: GQAOptions, *, shared: SharedParams | None = None,
                  rngs: nnx.Rngs):
-        self.n_heads, self.n_kv_heads, self.head_dim = _heads(config, options)
+        self.n_heads, self.n_kv_heads, self.head_dim = heads(config, options)
         self.window = options.window
         self.rope_base = config.rope_base if options.rope else None
         self.soft_cap = options.logits_soft_cap
@@ -109,38 +109,57 @@ class GQAttention(Mixer):
         self.q_norm = RMSNorm(e, **norm) if options.qk_norm else None
         self.k_norm = RMSNorm(e, **norm) if options.qk_norm else None
 
-    def _project(self, x_BTD, positions_BT):
+    # The forward in steps that variants (gated attention, MoH, MASA) reuse and extend.
+    def project(self, x_BTD):
+        """Raw per-head projections: q [B,T,H,E], k and v [B,T,K,E]."""
         b, t, _ = x_BTD.shape
-        q = self.q_proj(x_BTD).reshape(b, t, self.n_heads, self.head_dim)
-        k = self.k_proj(x_BTD).reshape(b, t, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x_BTD).reshape(b, t, self.n_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if self.rope_base is not None:
-            q = apply_rope(q, positions_BT, base=self.rope_base)
-            k = apply_rope(k, positions_BT, base=self.rope_base)
-        return q, k, v
+        return (self.q_proj(x_BTD).reshape(b, t, self.n_heads, self.head_dim),
+                self.k_proj(x_BTD).reshape(b, t, self.n_kv_heads, self.head_dim),
+                self.v_proj(x_BTD).reshape(b, t, self.n_kv_heads, self.head_dim))
 
-    def __call__(self, x_BTD, ctx: ForwardContext, cache: KVCache | None = None) -> MixerOutput:
-        q_BTHE, k_BTKE, v_BTKE = self._project(x_BTD, ctx.positions_BT)
-        b, t = x_BTD.shape[:2]
+    def position_qk(self, q_BTHE, k_BTKE, positions_BT):
+        """QK-norm, then rotary positions."""
+        if self.q_norm is not None:
+            q_BTHE, k_BTKE = self.q_norm(q_BTHE), self.k_norm(k_BTKE)
+        if self.rope_base is not None:
+            q_BTHE = apply_rope(q_BTHE, positions_BT, base=self.rope_base)
+            k_BTKE = apply_rope(k_BTKE, positions_BT, base=self.rope_base)
+        return q_BTHE, k_BTKE
+
+    def attend(self, q_BTHE, k_BTKE, v_BTKE, ctx: ForwardContext, cache: KVCache | None,
+               gate_BTH=None) -> tuple:
+        """Causal attention over the sequence, or of the new tokens against the cache: (o [B,T,H,E], cache,
+        metrics). `gate_BTH` multiplies each head's output (the flash kernel's epilogue; after the decode kernel)."""
+        t = q_BTHE.shape[1]
         metrics = {}
         if ctx.mode == "decode":
             cache = cache.write(k_BTKE, v_BTKE, ctx.lengths_B)
             o_BTHE = cached_attention(q_BTHE, cache.k_BSKE, cache.v_BSKE, ctx.lengths_B + t,
                                       sliding_window=self.window, logits_soft_cap=self.soft_cap,
                                       implementation=self.decode_implementation)
-        else:
-            o_BTHE = attention(q_BTHE, k_BTKE, v_BTKE, causal=True, sliding_window=self.window,
-                               segment_ids_BT=ctx.segment_ids_BT, logits_soft_cap=self.soft_cap,
-                               return_lse=ctx.diagnostics, implementation=self.flash_implementation)
-            if ctx.diagnostics:
-                o_BTHE, lse_BHT = o_BTHE
-                metrics = attention_diagnostics(q_BTHE, k_BTKE, lse_BHT, scale=self.head_dim**-0.5,
-                                                sliding_window=self.window, logits_soft_cap=self.soft_cap)
-            if ctx.mode == "prefill":
-                cache = cache.write(k_BTKE, v_BTKE, jnp.zeros((b,), jnp.int32))
-        return MixerOutput(self.o_proj(o_BTHE.reshape(b, t, self.n_heads * self.head_dim)), cache, metrics=metrics)
+            if gate_BTH is not None:
+                o_BTHE = (o_BTHE * gate_BTH[..., None]).astype(o_BTHE.dtype)
+            return o_BTHE, cache, metrics
+        o_BTHE = attention(q_BTHE, k_BTKE, v_BTKE, causal=True, sliding_window=self.window,
+                           segment_ids_BT=ctx.segment_ids_BT, logits_soft_cap=self.soft_cap, gate_BTH=gate_BTH,
+                           return_lse=ctx.diagnostics, implementation=self.flash_implementation)
+        if ctx.diagnostics:
+            o_BTHE, lse_BHT = o_BTHE
+            metrics = attention_diagnostics(q_BTHE, k_BTKE, lse_BHT, scale=self.head_dim**-0.5,
+                                            sliding_window=self.window, logits_soft_cap=self.soft_cap)
+        if ctx.mode == "prefill":
+            cache = cache.write(k_BTKE, v_BTKE, jnp.zeros((q_BTHE.shape[0],), jnp.int32))
+        return o_BTHE, cache, metrics
+
+    def output(self, o_BTHE):
+        b, t = o_BTHE.shape[:2]
+        return self.o_proj(o_BTHE.reshape(b, t, self.n_heads * self.head_dim))
+
+    def __call__(self, x_BTD, ctx: ForwardContext, cache: KVCache | None = None) -> MixerOutput:
+        q_BTHE, k_BTKE, v_BTKE = self.project(x_BTD)
+        q_BTHE, k_BTKE = self.position_qk(q_BTHE, k_BTKE, ctx.positions_BT)
+        o_BTHE, cache, metrics = self.attend(q_BTHE, k_BTKE, v_BTKE, ctx, cache)
+        return MixerOutput(self.output(o_BTHE), cache, metrics=metrics)
 
     def init_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache.empty(batch, max_len, self.n_kv_heads, self.head_dim, self.cache_dtype)

@@ -35,8 +35,8 @@ from flax import nnx
 
 from attnzoo.config import ModelConfig
 from attnzoo.mixers.base import SharedParams
-from attnzoo.mixers.gqa import GQAOptions, GQAttention, _heads
-from attnzoo.registry import get_mixer, register
+from attnzoo.mixers.gqa import GQAOptions, GQAttention, heads
+from attnzoo.registry import register
 
 SHARE_CHOICES = ("qkv", "qkvo")
 
@@ -96,23 +96,14 @@ class AtomProjection(nnx.Module):
 
 
 def _masa_layers(config: ModelConfig) -> list[tuple[int, MASAOptions]]:
-    """(index, resolved options) of every MASA layer in the plan; a layer whose mixer or options do not resolve
-    is skipped here and reported at its own index by the config."""
-    found = []
-    for i, spec in enumerate(config.layers):
-        try:
-            entry = get_mixer(spec.mixer)
-            if issubclass(entry.cls, MASAttention):
-                found.append((i, entry.resolve(spec.kwargs)))
-        except ValueError:
-            continue
-    return found
+    """(index, resolved options) of every MASA layer in the plan."""
+    return [(i, options) for i, options in enumerate(config.layer_options) if isinstance(options, MASAOptions)]
 
 
 def _dictionary_layout(config: ModelConfig, options: MASAOptions, n_masa_layers: int) -> tuple:
     """What every MASA layer must agree on to share the dictionaries: (n_atoms, share, heads, kv heads, head dim)."""
     n_atoms = options.n_atoms or max(1, round(n_masa_layers / 3))
-    return (n_atoms, options.share, *_heads(config, options))
+    return (n_atoms, options.share, *heads(config, options))
 
 
 @register("masa", options=MASAOptions)
