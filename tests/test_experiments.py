@@ -120,3 +120,21 @@ def test_aggregate_over_seeds_gives_mean_and_sample_std(tmp_path):
     assert (tmp_path / "count.md").read_text() == "a caption: 2 variants\n"
     assert "[count.md](count.md)" in (tmp_path / "results.md").read_text() and results.figures == {}
     assert list(csv.DictReader((tmp_path / "results.csv").open()))[0]["val_loss_std"] == str(math.sqrt(0.5))
+
+
+def test_every_study_declares_valid_configs_at_every_scale():
+    from experiments.compare_zoo.config import STUDY as ZOO
+
+    for study in (STUDY, ZOO):
+        study.check(vocab_size=259)
+    assert {variant.plan.split("*")[0] for variant in ZOO.variants} == {"gqa", "mla", "masa", "ccgqa", "moh", "gated"}
+
+
+@pytest.mark.slow
+def test_compare_zoo_smoke_reports_every_variant(tmp_path):
+    done = _run_from_repo_root("experiments/compare_zoo/run.py", "--scale", "smoke", "--out", str(tmp_path),
+                               "--no-progress")
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert [row["variant"] for row in rows] == ["gqa", "mla", "masa", "ccgqa", "moh", "gated"]
+    assert all(math.isfinite(float(row["val_loss_mean"])) and int(row["params"]) > 0 for row in rows)
+    assert "KV-cache B/token" in done.stdout and (tmp_path / "compare_zoo.png").exists()
