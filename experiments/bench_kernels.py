@@ -1,16 +1,18 @@
 """One-shot kernel benchmark for one lent GPU (an H200): attnzoo's Pallas kernels against what JAX users have.
 
 Flash attention (bf16, layout [B, S, H, D]), forward and forward+backward (jax.value_and_grad of sum(out * dO)):
-  attnzoo_pallas  pallas_kernels.flash_attention(..., implementation="pallas")
-  attnzoo_mosaic  the same with backend="mosaic_gpu": FA3-style Mosaic GPU forward, Triton backward (n/a where it
-                  would fall back to Triton: Dv != Dqk, head dims other than 64/128/256); attnzoo_mosaic_psmem:
-                  its interpreter-tested variant (P staged through SMEM, fresh P V accumulator added to O)
-  cudnn, xla      jax.nn.dot_product_attention(implementation=...)      (cuDNN has no Dv != Dqk: n/a for MLA;
-                                                                         xla gets V zero-padded to Dqk there)
-  jax_pallas_mha  jax.experimental.pallas.ops.gpu.attention.mha          (K/V heads repeated for GQA)
+  attnzoo_triton      pallas_kernels.flash_attention(..., implementation="triton")
+  attnzoo_mosaic_gpu  the same with implementation="mosaic_gpu": FA3-style Mosaic GPU forward, Triton backward
+                      (n/a where it cannot take the case: Dv != Dqk, head dims other than 64/128/256);
+                      attnzoo_mosaic_gpu_psmem: its interpreter-tested variant (P staged through SMEM, fresh P V
+                      accumulator added to O)
+  cudnn, xla          jax.nn.dot_product_attention(implementation=...)  (cuDNN has no Dv != Dqk: n/a for MLA;
+                                                                        xla gets V zero-padded to Dqk there)
+  jax_pallas_mha      jax.experimental.pallas.ops.gpu.attention.mha      (K/V heads repeated for GQA)
   tokamax_mosaic, tokamax_triton   tokamax.dot_product_attention, when tokamax imports
-Decode (bf16, one KV cache per sequence, full lengths): attnzoo's split-K kernel (default and two variants), its
-XLA reference, and for Tq == 1 jax.nn (xla, cudnn with key_value_seq_lengths) and JAX's Pallas `decode_attention.gqa`.
+Decode (bf16, one KV cache per sequence, full lengths): attnzoo's split-K kernel (implementation="triton": default
+and two variants), its XLA reference (implementation="xla"), and for Tq == 1 jax.nn (xla, cudnn with
+key_value_seq_lengths) and JAX's Pallas `decode_attention.gqa`.
 
 Every implementation is first checked against a float32 reference (flash: batch 0, kv head 0 and its q heads, output
 and all three gradients; decode: the whole output) by ||out - ref|| / ||ref||; a wrong one is marked and not timed.
@@ -115,24 +117,26 @@ class NotApplicable(Exception):
 
 # ----------------------------------------------------------------------------------------------- implementations
 def flash_implementations(smoke: bool) -> dict[str, Callable[[FlashCase], Callable]]:
-    def attnzoo(case):
-        from pallas_kernels import flash_attention
-        return lambda q, k, v: flash_attention(q, k, v, causal=case.causal, implementation="pallas")
+    def attnzoo(implementation):
+        def make(case):
+            from pallas_kernels import flash_attention
+            return lambda q, k, v: flash_attention(q, k, v, causal=case.causal, implementation=implementation)
+        return make
 
-    def attnzoo_mosaic(interpreter_path: bool = False):
+    def attnzoo_mosaic_gpu_psmem(case):
+        from pallas_kernels.flash_attention import pallas_mosaic_gpu
+        return lambda q, k, v: pallas_mosaic_gpu.flash_attention_mosaic_gpu(
+            q, k, v, causal=case.causal, scale=case.dqk ** -0.5, interpret=smoke, p_in_smem=True,
+            acc_in_place=False)[0]
+
+    def mosaic_gpu(make_impl):
         def make(case):
             from pallas_kernels.flash_attention import pallas_mosaic_gpu
             if case.dqk != case.dv or case.dqk not in pallas_mosaic_gpu.HEAD_DIMS:
-                raise NotApplicable("Mosaic GPU forward needs Dv == Dqk in (64, 128, 256) (else Triton runs)")
+                raise NotApplicable("implementation='mosaic_gpu' needs Dv == Dqk in (64, 128, 256)")
             if smoke and (os.cpu_count() or 1) < 4:
                 raise NotApplicable("Mosaic GPU interpreter can deadlock on < 4 host cores")
-            if interpreter_path:
-                return lambda q, k, v: pallas_mosaic_gpu.flash_attention_mosaic_gpu(
-                    q, k, v, causal=case.causal, scale=case.dqk ** -0.5, interpret=smoke, p_in_smem=True,
-                    acc_in_place=False)[0]
-            from pallas_kernels import flash_attention
-            return lambda q, k, v: flash_attention(q, k, v, causal=case.causal, implementation="pallas",
-                                                   backend="mosaic_gpu")
+            return make_impl(case)
         return make
 
     def jax_nn(implementation):
@@ -171,10 +175,10 @@ def flash_implementations(smoke: bool) -> dict[str, Callable[[FlashCase], Callab
         return make
 
     # In priority order: when a case runs out of its share of the budget, the last ones are skipped.
-    return {"attnzoo_pallas": attnzoo, "attnzoo_mosaic": attnzoo_mosaic(), "cudnn": jax_nn("cudnn"),
-            "jax_pallas_mha": jax_pallas_mha, "tokamax_mosaic": tokamax_impl("mosaic"),
+    return {"attnzoo_triton": attnzoo("triton"), "attnzoo_mosaic_gpu": mosaic_gpu(attnzoo("mosaic_gpu")),
+            "cudnn": jax_nn("cudnn"), "jax_pallas_mha": jax_pallas_mha, "tokamax_mosaic": tokamax_impl("mosaic"),
             "tokamax_triton": tokamax_impl("triton"), "xla": jax_nn("xla"),
-            "attnzoo_mosaic_psmem": attnzoo_mosaic(interpreter_path=True)}
+            "attnzoo_mosaic_gpu_psmem": mosaic_gpu(attnzoo_mosaic_gpu_psmem)}
 
 
 def decode_implementations(smoke: bool) -> dict[str, Callable[[DecodeCase], Callable]]:
@@ -204,9 +208,9 @@ def decode_implementations(smoke: bool) -> dict[str, Callable[[DecodeCase], Call
                                                           interpret=smoke)[:, None]
 
     # In priority order, as for flash.
-    return {"attnzoo_pallas": attnzoo("pallas"), "cudnn": jax_nn("cudnn"), "jax_pallas_gqa": jax_pallas_gqa,
-            "attnzoo_pallas_bk64": attnzoo("pallas", block_k=64),
-            "attnzoo_pallas_splits_x2": attnzoo("pallas", splits_factor=2), "jax_nn_xla": jax_nn("xla"),
+    return {"attnzoo_triton": attnzoo("triton"), "cudnn": jax_nn("cudnn"), "jax_pallas_gqa": jax_pallas_gqa,
+            "attnzoo_triton_bk64": attnzoo("triton", block_k=64),
+            "attnzoo_triton_splits_x2": attnzoo("triton", splits_factor=2), "jax_nn_xla": jax_nn("xla"),
             "attnzoo_xla": attnzoo("xla")}
 
 
@@ -400,7 +404,7 @@ def decode(bench: Bench, cases: list[DecodeCase]) -> None:
             if not bench.wanted(case.name, name):
                 continue
             row = dict(part="decode", impl=name, **case_fields(case))
-            if name.startswith("attnzoo_pallas"):
+            if name.startswith("attnzoo_triton"):
                 cfg = decode_config(case, block_k=64 if name.endswith("bk64") else None)
                 if name.endswith("splits_x2"):
                     cfg = decode_config(case, num_splits=2 * cfg.num_splits)

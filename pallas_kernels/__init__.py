@@ -1,12 +1,38 @@
-"""Shared Pallas GPU kernels for attnzoo, each beside a pure-JAX reference.
+"""Shared Pallas GPU kernels for attnzoo, each op a table of implementations beside a pure-JAX reference
+(`pallas_kernels.ops`):
 
-    flash_attention(q, k, v, *, causal, ...)        FlashAttention-2 style forward + backward
-    decode_attention(q, k_cache, v_cache, lengths)   split-K decode against a KV cache
+    flash_attention(q, k, v, *, causal, ..., implementation)        cudnn, mosaic_gpu, triton, xla
+    decode_attention(q, k_cache, v_cache, lengths, implementation)   triton, xla
+
+Importing the package (or `pallas_kernels.ops`) imports no kernel module and not jax.experimental.pallas: the
+backends load on first use. The two op functions are bound at import, from their light api modules, because their
+subpackages share their names: a later submodule import would otherwise leave the attribute the subpackage. The
+rest loads lazily (PEP 562).
 """
 
-from pallas_kernels.common import IMPLEMENTATIONS, lower_for_cuda
-from pallas_kernels.decode_attention import decode_attention, decode_attention_reference
-from pallas_kernels.flash_attention import flash_attention, flash_attention_reference
+import importlib
 
-__all__ = ["IMPLEMENTATIONS", "decode_attention", "decode_attention_reference", "flash_attention",
-           "flash_attention_reference", "lower_for_cuda"]
+from pallas_kernels.decode_attention.api import decode_attention
+from pallas_kernels.flash_attention.api import flash_attention
+
+_LAZY = {
+    "available": "pallas_kernels.ops",
+    "implementations": "pallas_kernels.ops",
+    "lower_for_cuda": "pallas_kernels.common",
+    "flash_attention_reference": "pallas_kernels.flash_attention.reference",
+    "decode_attention_reference": "pallas_kernels.decode_attention.reference",
+}
+
+__all__ = ["decode_attention", "flash_attention", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'pallas_kernels' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

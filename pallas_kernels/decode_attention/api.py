@@ -1,50 +1,42 @@
-"""decode_attention: the Tq newest tokens of each sequence against its KV cache (forward only)."""
+"""decode_attention: the Tq newest tokens of each sequence against its KV cache (forward only), over the op's table
+of implementations (`ops.py`). Light: the backends (pallas_triton.py, reference.py) are imported on first use."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.common import auto_uses_pallas, check_implementation, default_interpret
-from pallas_kernels.decode_attention.pallas_triton import decode_attention_pallas
-from pallas_kernels.decode_attention.reference import decode_attention_reference
+from pallas_kernels import ops
+from pallas_kernels.common import check_attention_inputs, check_options, default_interpret, on_gpu
 
 
-def _validate(q, k_cache, v_cache, lengths, sliding_window, logits_soft_cap, num_splits, block_k):
-    if q.ndim != 4:
-        raise ValueError(f"q must be [B, Tq, Hq, Dqk], got shape {q.shape}")
-    if k_cache.ndim != 4 or v_cache.ndim != 4:
-        raise ValueError(f"k_cache and v_cache must be [B, S, Hkv, D], got {k_cache.shape} and {v_cache.shape}")
-    b, tq, hq, dqk = q.shape
-    if k_cache.shape[0] != b or v_cache.shape[0] != b:
-        raise ValueError(f"k_cache {k_cache.shape} and v_cache {v_cache.shape} must have q's batch size {b}")
-    if k_cache.shape[1:3] != v_cache.shape[1:3]:
-        raise ValueError(f"k_cache {k_cache.shape} and v_cache {v_cache.shape} must agree on [S, Hkv]")
-    s, hkv = k_cache.shape[1:3]
-    if k_cache.shape[3] != dqk:
-        raise ValueError(f"k_cache head dim {k_cache.shape[3]} must equal q's head dim {dqk}")
-    if hq % hkv:
-        raise ValueError(f"q heads {hq} must be a multiple of the cache's kv heads {hkv}")
-    if not 1 <= tq <= s:
-        raise ValueError(f"q has {tq} tokens; need 1 <= Tq <= cache length {s}")
-    if lengths.shape != (b,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
-        raise ValueError(f"lengths must be an integer array of shape ({b},), got {lengths.dtype}{lengths.shape}")
-    if sliding_window is not None and sliding_window < 1:
-        raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
-    if logits_soft_cap is not None and logits_soft_cap <= 0:
-        raise ValueError(f"logits_soft_cap must be > 0 or None, got {logits_soft_cap}")
-    if num_splits is not None and num_splits < 1:
-        raise ValueError(f"num_splits must be >= 1 or None, got {num_splits}")
-    if block_k is not None and (block_k < 16 or block_k & (block_k - 1)):
-        raise ValueError(f"block_k must be a power of 2 >= 16 or None, got {block_k}")
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["q_BTHD", "k_cache_BSKD", "v_cache_BSKE",
+                                                                  "lengths_B"],
+                   meta_fields=["scale", "sliding_window", "logits_soft_cap", "num_splits", "block_k", "interpret"])
+@dataclasses.dataclass(frozen=True)
+class DecodeCall:
+    """One validated decode_attention call as every backend's `unsupported_reason(call)` and `run(call)` see it (a
+    pytree: the options are static under jit)."""
+    q_BTHD: jax.Array
+    k_cache_BSKD: jax.Array
+    v_cache_BSKE: jax.Array
+    lengths_B: jax.Array  # int32, clipped to [Tq, S] by the time `run` sees it
+    scale: float
+    sliding_window: int | None
+    logits_soft_cap: float | None
+    num_splits: int | None  # overrides of the Triton kernel's heuristics
+    block_k: int | None
+    interpret: bool  # Pallas interpret mode
 
 
 def decode_attention(q_BTHD, k_cache_BSKD, v_cache_BSKE, lengths_B, *, scale: float | None = None,
                      sliding_window: int | None = None, logits_soft_cap: float | None = None,
-                     num_splits: int | None = None, block_k: int | None = None, implementation: str = "auto",
-                     interpret: bool | None = None) -> jax.Array:
+                     num_splits: int | None = None, block_k: int | None = None,
+                     implementation: str | Sequence[str] = "auto", interpret: bool | None = None) -> jax.Array:
     """Attention of the Tq newest tokens against a KV cache. Returns [B, Tq, Hq, Dv] in q.dtype.
 
     q_BTHD [B, Tq, Hq, Dqk]; k_cache_BSKD [B, S, Hkv, Dqk]; v_cache_BSKE [B, S, Hkv, Dv] (Dv may differ from Dqk,
@@ -53,31 +45,36 @@ def decode_attention(q_BTHD, k_cache_BSKD, v_cache_BSKE, lengths_B, *, scale: fl
     lengths-Tq .. lengths-1 (clipped to [Tq, S]). Query t sits at p = lengths-Tq+t and sees keys j <= p, and
     j > p - sliding_window when a window is given; entries at j >= lengths are never read into the output.
 
-    implementation: "pallas" (split-K Flash-Decoding kernel, interpreted off GPU), "xla" (the float32 reference),
-    "auto" (xla; pallas on GPU once verified there, see `common.PALLAS_IN_AUTO`). num_splits / block_k override
-    the kernel's heuristics.
+    implementation: "auto", one of `ops.implementations("decode_attention")` or a sequence of them tried in order:
+    "triton" (split-K Flash-Decoding Pallas kernel, interpreted off GPU), "xla" (the float32 reference). "auto" is
+    xla (triton on GPU once verified there, see `ops.PALLAS_IN_AUTO`). num_splits / block_k override the Triton
+    kernel's heuristics.
     """
-    check_implementation(implementation)
-    if implementation == "cudnn":
-        raise ValueError("implementation='cudnn' is not available for decode attention; use 'auto', 'pallas' "
-                         "or 'xla'")
-    _validate(q_BTHD, k_cache_BSKD, v_cache_BSKE, lengths_B, sliding_window, logits_soft_cap, num_splits, block_k)
-    use_pallas = implementation == "pallas" or (implementation == "auto" and auto_uses_pallas())
-    return _decode(q_BTHD, k_cache_BSKD, v_cache_BSKE, lengths_B,
-                   scale=q_BTHD.shape[-1] ** -0.5 if scale is None else float(scale), sliding_window=sliding_window,
-                   logits_soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
-                   num_splits=num_splits, block_k=block_k, use_pallas=use_pallas,
-                   interpret=default_interpret() if interpret is None else interpret)
+    _check_inputs(q_BTHD, k_cache_BSKD, v_cache_BSKE, lengths_B, num_splits)
+    check_options(sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, block_k=block_k)
+    call = DecodeCall(q_BTHD=q_BTHD, k_cache_BSKD=k_cache_BSKD, v_cache_BSKE=v_cache_BSKE, lengths_B=lengths_B,
+                      scale=q_BTHD.shape[-1] ** -0.5 if scale is None else float(scale),
+                      sliding_window=sliding_window,
+                      logits_soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
+                      num_splits=num_splits, block_k=block_k,
+                      interpret=default_interpret() if interpret is None else interpret)
+    name, _ = ops.select("decode_attention", implementation, call, gpu=on_gpu())
+    return _decode(call, name)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "sliding_window", "logits_soft_cap", "num_splits", "block_k",
-                                             "use_pallas", "interpret"))
-def _decode(q, k_cache, v_cache, lengths, *, scale, sliding_window, logits_soft_cap, num_splits, block_k,
-            use_pallas, interpret):
-    lengths = jnp.clip(lengths.astype(jnp.int32), q.shape[1], k_cache.shape[1])
-    if not use_pallas:
-        return decode_attention_reference(q, k_cache, v_cache, lengths, scale=scale, sliding_window=sliding_window,
-                                          logits_soft_cap=logits_soft_cap)
-    return decode_attention_pallas(q, k_cache, v_cache, lengths, scale=scale, sliding_window=sliding_window,
-                                   logits_soft_cap=logits_soft_cap, num_splits=num_splits, block_k=block_k,
-                                   interpret=interpret)
+@functools.partial(jax.jit, static_argnames="name")
+def _decode(call: DecodeCall, name: str):
+    lengths_B = jnp.clip(call.lengths_B.astype(jnp.int32), call.q_BTHD.shape[1], call.k_cache_BSKD.shape[1])
+    return ops.load("decode_attention", name).run(dataclasses.replace(call, lengths_B=lengths_B))
+
+
+def _check_inputs(q, k_cache, v_cache, lengths, num_splits):
+    check_attention_inputs(q, k_cache, v_cache, k_name="k_cache", v_name="v_cache")
+    b, tq, _, _ = q.shape
+    s = k_cache.shape[1]
+    if not 1 <= tq <= s:
+        raise ValueError(f"q has {tq} tokens; need 1 <= Tq <= cache length {s}")
+    if lengths.shape != (b,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise ValueError(f"lengths must be an integer array of shape ({b},), got {lengths.dtype}{lengths.shape}")
+    if num_splits is not None and num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1 or None, got {num_splits}")

@@ -1,4 +1,4 @@
-"""Split-K decode attention (Flash-Decoding) as a Triton-style Pallas kernel.
+"""Split-K decode attention (Flash-Decoding) as a Pallas Triton kernel: the "triton" implementation of decode_attention.
 
 Flash-Decoding (Dao, Haziza, Massa, Sizov 2023, https://crfm.stanford.edu/2023/10/12/flashdecoding.html): with
 few query tokens the work is one long pass over the KV cache, so the cache length is split across programs to fill
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import operator
 
 import jax
@@ -27,7 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels.common import MASK_VALUE, cdiv, next_power_of_2, round_up
+from pallas_kernels.common import LOG2E, MASK_VALUE, cdiv, column_chunks, next_power_of_2, round_up
 from pallas_kernels.decode_attention.reference import soft_cap, visible
 
 NUM_SMS = 132                 # H200 (and H100 SXM) streaming multiprocessors
@@ -36,17 +35,6 @@ ACC_ELEMENTS = 64 * 128       # f32 accumulator per program (block_m x Dv): 32 K
 MIN_SPLIT_TILES = 4           # a split gets at least this many KV tiles, so the combine stays negligible
 MIN_WAVE_EFFICIENCY = 0.85    # smallest split count whose last wave of programs is at least this full
 MAX_SPLITS = 64
-LOG2_E = math.log2(math.e)
-
-
-def head_dim_chunks(d: int) -> tuple[tuple[int, int], ...]:
-    """(offset, width) power-of-2 column chunks, each >= 16, covering round_up(d, 16): 576 -> 512 + 64."""
-    padded, chunks, off = round_up(d, 16), [], 0
-    while off < padded:
-        width = 1 << ((padded - off).bit_length() - 1)
-        chunks.append((off, width))
-        off += width
-    return tuple(chunks)
 
 
 def default_block_k(dqk: int, dv: int, seq_len: int, itemsize: int) -> int:
@@ -134,9 +122,9 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, cfg: De
                             precision=precision, preferred_element_type=jnp.float32)
             for qc, (off, width) in zip(q_chunks, qk_chunks)))
         if logits_soft_cap is None:
-            s = s * (scale * LOG2_E)
+            s = s * (scale * LOG2E)
         else:
-            s = soft_cap(s * scale, logits_soft_cap) * LOG2_E
+            s = soft_cap(s * scale, logits_soft_cap) * LOG2E
         mask = visible(q_pos[:, None], k_pos[None, :], sliding_window)
         s = jnp.where(mask, s, MASK_VALUE)
         m_new = jnp.maximum(m, s.max(axis=-1))
@@ -159,7 +147,7 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, cfg: De
     l_ref[...] = l
 
 
-def decode_attention_pallas(q_BTHD, k_cache_BSKD, v_cache_BSKE, lengths_B, *, scale: float,
+def decode_attention_triton(q_BTHD, k_cache_BSKD, v_cache_BSKE, lengths_B, *, scale: float,
                             sliding_window: int | None, logits_soft_cap: float | None, num_splits: int | None,
                             block_k: int | None, interpret: bool) -> jax.Array:
     """Split-K decode kernel plus the log-sum-exp combine. Inputs are validated (and jitted) by
@@ -168,7 +156,7 @@ def decode_attention_pallas(q_BTHD, k_cache_BSKD, v_cache_BSKE, lengths_B, *, sc
     s, hkv, dv = k_cache_BSKD.shape[1], k_cache_BSKD.shape[2], v_cache_BSKE.shape[3]
     group = hq // hkv
     rows = tq * group
-    qk_chunks, v_chunks = head_dim_chunks(dqk), head_dim_chunks(dv)
+    qk_chunks, v_chunks = column_chunks(dqk), column_chunks(dv)
     dqk_pad, dv_pad = round_up(dqk, 16), round_up(dv, 16)
     cfg = decode_config(b, s, tq, hq, hkv, dqk, dv, k_cache_BSKD.dtype.itemsize, num_splits=num_splits,
                         block_k=block_k)
@@ -218,3 +206,15 @@ def decode_attention_pallas(q_BTHD, k_cache_BSKD, v_cache_BSKE, lengths_B, *, sc
     o = (w[..., None] * o_part).sum(axis=2) / (w * l_part).sum(axis=2)[..., None]
     o = o[:, :, :rows, :dv].reshape(b, hkv, tq, group, dv).transpose(0, 2, 1, 3, 4)
     return o.reshape(b, tq, hq, dv).astype(q_BTHD.dtype)
+
+
+def unsupported_reason(call) -> None:
+    """The split-K kernel takes every call the API accepts (off GPU in interpret mode)."""
+    return None
+
+
+def run(call):
+    return decode_attention_triton(call.q_BTHD, call.k_cache_BSKD, call.v_cache_BSKE, call.lengths_B,
+                                   scale=call.scale, sliding_window=call.sliding_window,
+                                   logits_soft_cap=call.logits_soft_cap, num_splits=call.num_splits,
+                                   block_k=call.block_k, interpret=call.interpret)

@@ -1,4 +1,5 @@
-"""Pure-JAX decode attention (masked softmax in float32) and the masking rules the kernel shares with it."""
+"""Pure-JAX decode attention (masked softmax in float32), the `implementation="xla"` backend, and the masking rules
+the kernel shares with it."""
 
 from __future__ import annotations
 
@@ -52,3 +53,14 @@ def decode_attention_reference(q_BTHD, k_cache_BSKD, v_cache_BSKE, lengths_B, *,
     probs = jax.nn.softmax(logits, axis=-1)
     out = jnp.einsum("bkgts,bske->btkge", probs, v, precision=hi)
     return out.reshape(b, tq, hq, v.shape[-1]).astype(q_BTHD.dtype)
+
+
+def unsupported_reason(call) -> None:
+    """The reference takes every call the API accepts."""
+    return None
+
+
+def run(call):
+    return decode_attention_reference(call.q_BTHD, call.k_cache_BSKD, call.v_cache_BSKE, call.lengths_B,
+                                      scale=call.scale, sliding_window=call.sliding_window,
+                                      logits_soft_cap=call.logits_soft_cap)

@@ -1,6 +1,6 @@
 """FlashAttention-3 style forward (Shah et al., https://arxiv.org/abs/2407.08608) as a Pallas Mosaic GPU kernel for
-Hopper (sm_90), beside the portable Triton kernels in `pallas_triton.py`, whose dQ and dK/dV kernels serve its
-backward through the same custom-VJP residuals (`pallas_triton.attention_backward`).
+Hopper (sm_90), the "mosaic_gpu" implementation of flash_attention. Its backward is the portable Triton dQ and dK/dV
+kernels, reached through their public entry `pallas_triton_bwd.flash_attention_backward` on the same residuals.
 
 Layout [batch, seq, heads, head_dim]. One CTA = 3 warpgroups per (q head, 2*block_q query rows, batch):
 
@@ -42,11 +42,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.common import MASK_VALUE
-from pallas_kernels.flash_attention import pallas_triton
+from pallas_kernels.common import LN2, LOG2E, MASK_VALUE, on_gpu, pad_axis, round_up
+from pallas_kernels.flash_attention import pallas_triton_bwd
 
-LOG2E = math.log2(math.e)
-LN2 = math.log(2.0)
 COMPUTE_WGS = 2  # consumer warpgroups per CTA; warpgroup COMPUTE_WGS is the TMA producer
 HEAD_DIMS = (64, 128, 256)
 _WGMMA = plgpu.Layout.WGMMA
@@ -77,19 +75,24 @@ def default_blocks(head_dim: int) -> tuple[int, int, int]:
     return 64, 64, 2
 
 
-def unsupported_reason(q, k, v, *, sliding_window=None, segment_ids=None, logits_soft_cap=None,
-                       gate=None) -> str | None:
-    """Why the Mosaic GPU forward can't take this call (the caller then uses the Triton kernel), or None."""
+def unsupported_reason(call) -> str | None:
+    """Why the Mosaic GPU forward can't take this call, or None if it can."""
+    q, v = call.q_BTHD, call.v_BSKE
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         return f"{q.dtype} inputs (wgmma path takes bf16/fp16)"
     if v.shape[-1] != q.shape[-1]:
-        return "unequal q/k and v head dims"
+        return f"unequal q/k and v head dims ({q.shape[-1]} vs {v.shape[-1]})"
     if q.shape[-1] not in HEAD_DIMS:
-        return f"head_dim {q.shape[-1]} (supported: {HEAD_DIMS})"
-    for name, value in (("sliding_window", sliding_window), ("segment_ids", segment_ids),
-                        ("logits_soft_cap", logits_soft_cap), ("gate", gate)):
+        return f"head_dim {q.shape[-1]} (supported: {', '.join(map(str, HEAD_DIMS))})"
+    for name, value in (("sliding_window", call.sliding_window), ("segment_ids", call.segment_ids_BT),
+                        ("logits_soft_cap", call.logits_soft_cap), ("gate", call.gate_BTH)):
         if value is not None:
-            return name
+            return f"{name} (not in this kernel)"
+    for name, block in (("block_q", call.block_q), ("block_k", call.block_k)):
+        if block is not None and block % 64:
+            return f"{name}={block} (its tiles are multiples of 64)"
+    if not call.interpret and on_gpu() and not jax.devices()[0].compute_capability.startswith("9."):
+        return f"a {jax.devices()[0].device_kind} GPU (wgmma and TMA need Hopper, sm_90)"
     return None
 
 
@@ -306,19 +309,19 @@ def forward(q_BTHD, k_BSKD, v_BSKD, cfg: Config):
 
 # ------------------------------------------------------------------------------------------------------ autodiff
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _attention(q, k, v, cfg: Config, bwd_cfg: pallas_triton.Config):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _attention(q, k, v, cfg: Config):
     return forward(q, k, v, cfg)
 
 
-def _attention_fwd(q, k, v, cfg: Config, bwd_cfg: pallas_triton.Config):
+def _attention_fwd(q, k, v, cfg: Config):
     out, lse = forward(q, k, v, cfg)
-    return (out, lse), (q, k, v, None, None, out, lse)
+    return (out, lse), (q, k, v, out, lse)
 
 
-def _attention_bwd(cfg: Config, bwd_cfg: pallas_triton.Config, res, cotangents):
-    dq, dk, dv, _, _ = pallas_triton.attention_backward(bwd_cfg, res, cotangents)
-    return dq, dk, dv
+def _attention_bwd(cfg: Config, res, cotangents):
+    return pallas_triton_bwd.flash_attention_backward(res, cotangents, causal=cfg.causal, scale=cfg.scale,
+                                                      seq_k=cfg.seq_k, interpret=cfg.interpret)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -347,16 +350,20 @@ def flash_attention_mosaic_gpu(q_BTHD, k_BSKD, v_BSKD, *, causal: bool, scale: f
     else:
         p_in_smem = False if p_in_smem is None else p_in_smem
         acc_in_place = True if acc_in_place is None else acc_in_place
-    bwd_cfg, t_pad, s_pad, _, _ = pallas_triton.make_config(
-        q_BTHD.shape, k_BSKD.shape, d, causal=causal, sliding_window=None, scale=scale, logits_soft_cap=None,
-        block_q=None, block_k=None, interpret=interpret, seq_multiple=(COMPUTE_WGS * block_q, block_kv))
+    # One padded problem for the forward's tiles and the Triton backward's.
+    bwd_multiple = pallas_triton_bwd.seq_multiple(d)
+    t_pad = round_up(t, math.lcm(COMPUTE_WGS * block_q, bwd_multiple))
+    s_pad = round_up(s, math.lcm(block_kv, bwd_multiple))
     if causal:  # T == S: one padded length, so the causal diagonal stays aligned
         t_pad = s_pad = max(t_pad, s_pad)
-        bwd_cfg = dataclasses.replace(bwd_cfg, seq_k_padded=s_pad)
     cfg = Config(scale=scale, causal=causal, seq_k=s, group=hq // hkv, block_q=block_q, block_kv=block_kv,
                  num_stages=stages, p_in_smem=p_in_smem, acc_in_place=acc_in_place, interpret=interpret)
-    q = pallas_triton.pad_axis(q_BTHD, 1, t_pad)
-    k = pallas_triton.pad_axis(k_BSKD, 1, s_pad)
-    v = pallas_triton.pad_axis(v_BSKD, 1, s_pad)
-    out, lse = _attention(q, k, v, cfg, bwd_cfg)
+    out, lse = _attention(pad_axis(q_BTHD, 1, t_pad), pad_axis(k_BSKD, 1, s_pad), pad_axis(v_BSKD, 1, s_pad), cfg)
     return out[:, :t], lse[:, :, :t]
+
+
+def run(call):
+    out, lse = flash_attention_mosaic_gpu(call.q_BTHD, call.k_BSKD, call.v_BSKE, causal=call.causal,
+                                          scale=call.scale, block_q=call.block_q, block_k=call.block_k,
+                                          interpret=call.interpret)
+    return (out, lse) if call.return_lse else out

@@ -1,5 +1,5 @@
 """Pure-JAX attention that materialises the logits: the oracle every flash-attention kernel is tested against,
-and the `implementation="xla"` path. Written independently of the kernel's tile-wise masking on purpose."""
+and the `implementation="xla"` backend. Written independently of the kernel's tile-wise masking on purpose."""
 
 from __future__ import annotations
 
@@ -58,3 +58,15 @@ def flash_attention_reference(q_BTHD, k_BSKD, v_BSKE, *, causal: bool = False, s
     if return_lse:
         return out_BTHE, lse_BKGT.reshape(b, hq, t)
     return out_BTHE
+
+
+def unsupported_reason(call) -> None:
+    """The reference takes every call the API accepts."""
+    return None
+
+
+def run(call):
+    return flash_attention_reference(
+        call.q_BTHD, call.k_BSKD, call.v_BSKE, causal=call.causal, sliding_window=call.sliding_window,
+        segment_ids=call.segment_ids_BT, scale=call.scale, logits_soft_cap=call.logits_soft_cap, gate=call.gate_BTH,
+        return_lse=call.return_lse)

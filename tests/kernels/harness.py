@@ -1,0 +1,315 @@
+"""Kernel test harness shared by every op and backend: random problems (shapes, dtypes, masks), comparison with the
+float32 reference (outputs, lse, and gradients of sum(out * dO) + sum(lse * dlse)), and CUDA cross-lowering.
+
+Each op has one parameterised base class (`FlashAttentionTestBase`, `DecodeAttentionTestBase`) that a backend's
+test file subclasses with its implementation name, problem space and named cases (tokamax's test_base pattern);
+`conftest.py` parametrises `named_case` from the subclass's `named_cases`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pallas_kernels import decode_attention, flash_attention
+from pallas_kernels.common import lower_for_cuda, on_gpu
+from pallas_kernels.decode_attention import decode_attention_reference
+from pallas_kernels.flash_attention import flash_attention_reference
+
+TOL = {jnp.float32: 1e-4, jnp.float16: 5e-3, jnp.bfloat16: 2e-2}  # max abs err / max abs ref, any CPU
+LSE_TOL = {jnp.float32: 1e-5, jnp.float16: 1e-2, jnp.bfloat16: 1e-2}
+TRITON_CALL = "__gpu$xla.gpu.triton"
+MOSAIC_CALL = "mosaic_gpu_v2"
+
+
+def mismatch(actual, expected, tol, what) -> str | None:
+    """Why `actual` is not within max |actual - expected| / max |expected| <= tol of `expected` (any NaN/inf
+    fails), or None when it is."""
+    actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
+    if actual.shape != expected.shape:
+        return f"{what}: shape {actual.shape} != {expected.shape}"
+    if not np.isfinite(actual).all():
+        return f"{what}: non-finite values"
+    err = np.max(np.abs(actual - expected)) / max(float(np.max(np.abs(expected))), 1e-6)
+    return f"{what}: max abs err / max abs ref = {err:.2e} > {tol:.0e}" if err > tol else None
+
+
+def assert_close(actual, expected, tol, what):
+    assert (why := mismatch(actual, expected, tol, what)) is None, why
+
+
+def lower_value_and_grad(attend, *args) -> str:
+    """StableHLO, lowered for an H200 on this machine, of the value and (q, k, v) gradients of sum(out) + sum(lse)
+    where (out, lse) = attend(q, k, v, *rest); args are ShapeDtypeStructs (or None), q, k, v first."""
+    def loss(q, k, v, *rest):
+        out, lse = attend(q, k, v, *rest)
+        return jnp.sum(out.astype(jnp.float32)) + jnp.sum(lse)
+    return lower_for_cuda(jax.value_and_grad(loss, argnums=(0, 1, 2)), *args)
+
+
+# ------------------------------------------------------------------------------------------------ flash_attention
+
+@dataclasses.dataclass(frozen=True)
+class FlashProblem:
+    batch: int = 1
+    seq_q: int = 64
+    seq_k: int = 64
+    heads_q: int = 4
+    heads_kv: int = 2
+    dqk: int = 64
+    dv: int = 64
+    dtype: type = jnp.float32
+    causal: bool = False
+    sliding_window: int | None = None
+    segments: bool = False
+    soft_cap: float | None = None
+    gate: bool = False
+    block_q: int | None = None
+    block_k: int | None = None
+    seed: int = 0
+
+    def inputs(self):
+        """Fresh random (q, k, v, gate, segment_ids, d_out, d_lse)."""
+        ks = jax.random.split(jax.random.key(self.seed), 7)
+        b, t, s = self.batch, self.seq_q, self.seq_k
+        q = jax.random.normal(ks[0], (b, t, self.heads_q, self.dqk), self.dtype)
+        k = jax.random.normal(ks[1], (b, s, self.heads_kv, self.dqk), self.dtype)
+        v = jax.random.normal(ks[2], (b, s, self.heads_kv, self.dv), self.dtype)
+        gate = jax.nn.sigmoid(jax.random.normal(ks[3], (b, t, self.heads_q))).astype(self.dtype) if self.gate else None
+        segments = None
+        if self.segments:  # a few segments of random lengths per row
+            segments = jnp.cumsum(jax.random.bernoulli(ks[4], min(0.5, 4 / t), (b, t)), axis=1).astype(jnp.int32)
+        d_out = jax.random.normal(ks[5], (b, t, self.heads_q, self.dv), jnp.float32)
+        d_lse = jax.random.normal(ks[6], (b, self.heads_q, t), jnp.float32)
+        return q, k, v, gate, segments, d_out, d_lse
+
+    def options(self):
+        return dict(causal=self.causal, sliding_window=self.sliding_window, logits_soft_cap=self.soft_cap)
+
+
+def flash_value_and_grads(fn, problem: FlashProblem, *, with_lse: bool = True, cast=None):
+    """out, lse (None without `with_lse`) and the gradients of sum(out * dO) (+ sum(lse * dlse)) w.r.t. q, k, v
+    (and the gate), jitted as one program (compiling op by op dominates the CPU test time otherwise)."""
+    q, k, v, gate, segments, d_out, d_lse = problem.inputs()
+    diff = [q, k, v] + ([gate] if gate is not None else [])
+    if cast is not None:
+        diff = [x.astype(cast) for x in diff]
+
+    def loss(diff, segments, d_out, d_lse):
+        result = fn(*diff[:3], gate=diff[3] if len(diff) == 4 else None, segment_ids=segments, return_lse=with_lse,
+                    **problem.options())
+        out, lse = result if with_lse else (result, None)
+        value = jnp.sum(out.astype(jnp.float32) * d_out)
+        return (value + jnp.sum(lse * d_lse) if with_lse else value), (out, lse)
+
+    (_, (out, lse)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(diff, segments, d_out, d_lse)
+    return out, lse, grads
+
+
+def flash_mismatches(problem: FlashProblem, implementation, *, with_lse: bool = True) -> list[str]:
+    """Every way `implementation`'s out, lse and gradients differ from the float32 reference (empty: none)."""
+    attend = lambda *a, **kw: flash_attention(*a, **kw, implementation=implementation, block_q=problem.block_q,
+                                              block_k=problem.block_k)
+    out, lse, grads = flash_value_and_grads(attend, problem, with_lse=with_lse)
+    ref_out, ref_lse, ref_grads = flash_value_and_grads(flash_attention_reference, problem, with_lse=with_lse,
+                                                        cast=jnp.float32)
+    tol = TOL[problem.dtype]
+    found = [f"{name}: dtype {x.dtype} != {problem.dtype}"
+             for name, x in zip(("out", "dq", "dk", "dv", "dgate"), (out, *grads)) if x.dtype != problem.dtype]
+    checks = [(out, ref_out, tol, "out")]
+    if with_lse:
+        checks.append((lse, ref_lse, LSE_TOL[problem.dtype], "lse"))
+    checks += [(g, ref_g, tol, name) for name, g, ref_g in zip(("dq", "dk", "dv", "dgate"), grads, ref_grads)]
+    return found + [why for check in checks if (why := mismatch(*check)) is not None]
+
+
+MASKS = ("none", "cross", "causal", "window", "segments", "causal+segments")
+
+
+@st.composite
+def flash_problems(draw, max_seq=150, dtypes=(jnp.float32, jnp.bfloat16), head_dims=(32, 64, 72, 128, 192, 256),
+                   other_dvs=(32, 128), masks=MASKS, soft_caps=(None, 2.0), gates=(False, True),
+                   block_qs=(None, 16, 32), block_ks=(None, 16, 32, 64)):
+    """Random problems; the keyword arguments narrow the space to what a backend takes (other_dvs=(): Dv == Dqk)."""
+    mask = draw(st.sampled_from(masks))
+    seq_q = draw(st.integers(1, max_seq))
+    dqk = draw(st.sampled_from(head_dims))
+    heads_kv, group = draw(st.sampled_from([(1, 1), (2, 1), (1, 2), (2, 2), (2, 3), (1, 4), (1, 8)]))
+    return FlashProblem(
+        batch=draw(st.integers(1, 2)), seq_q=seq_q,
+        seq_k=draw(st.integers(1, max_seq)) if mask == "cross" else seq_q,
+        heads_kv=heads_kv, heads_q=heads_kv * group,
+        dqk=dqk, dv=draw(st.sampled_from([dqk, *other_dvs])), dtype=draw(st.sampled_from(dtypes)),
+        causal=mask in ("causal", "window", "causal+segments"),
+        sliding_window=draw(st.integers(1, 40)) if mask == "window" else None,
+        segments="segments" in mask, soft_cap=draw(st.sampled_from(soft_caps)), gate=draw(st.sampled_from(gates)),
+        block_q=draw(st.sampled_from(block_qs)), block_k=draw(st.sampled_from(block_ks)),
+        seed=draw(st.integers(0, 2**31 - 1)))
+
+
+class FlashAttentionTestBase:
+    """flash_attention(implementation=<name>) against the float32 reference. Subclasses set `implementation` and
+    narrow `problems` / `sweep_problems` / `named_cases` to what the backend takes: a case it can't take fails
+    (ValueError), it is not skipped."""
+    implementation: str
+    requires_gpu = False  # skip off GPU (cuDNN)
+    returns_lse = True
+    examples = 12  # random problems in the default run
+    problems = flash_problems()
+    sweep_problems = flash_problems(max_seq=300)
+    named_cases: dict[str, FlashProblem] = {}
+    merge_problem = FlashProblem(seq_q=48, seq_k=80, heads_q=4, heads_kv=2, dqk=32, dv=64, seed=1,
+                                 block_q=16, block_k=16)
+
+    @pytest.fixture(autouse=True)
+    def _needs_gpu(self):
+        if self.requires_gpu and not on_gpu():
+            pytest.skip(f"implementation={self.implementation!r} needs a GPU")
+
+    def check(self, problem: FlashProblem):
+        found = flash_mismatches(problem, self.implementation, with_lse=self.returns_lse)
+        assert not found, (problem, found)
+
+    def test_random_problems(self):
+        settings(max_examples=self.examples, deadline=None, derandomize=True,
+                 suppress_health_check=[HealthCheck.too_slow])(given(self.problems)(self.check))()
+
+    @pytest.mark.slow
+    def test_random_problems_sweep(self):
+        settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])(
+            given(self.sweep_problems)(self.check))()
+
+    def test_named_case(self, named_case: FlashProblem):
+        self.check(named_case)
+
+    def test_lse_is_logsumexp_and_branches_merge_exactly(self):
+        """lse is the log-sum-exp of the scaled logits, and attention over two key ranges merges into the whole."""
+        if not self.returns_lse:
+            pytest.skip(f"implementation={self.implementation!r} returns no lse")
+        p = self.merge_problem
+        q, k, v, *_ = p.inputs()
+        attend = jax.jit(lambda k, v: flash_attention(q, k, v, return_lse=True, implementation=self.implementation,
+                                                      block_q=p.block_q, block_k=p.block_k))
+        out, lse = attend(k, v)
+        group = p.heads_q // p.heads_kv
+        q32, k32 = q.astype(jnp.float32), k.astype(jnp.float32)
+        logits = jnp.einsum("btkgd,bskd->bkgts", q32.reshape(p.batch, p.seq_q, p.heads_kv, group, p.dqk), k32,
+                            precision=jax.lax.Precision.HIGHEST) / np.sqrt(p.dqk)
+        lse_tol = LSE_TOL[p.dtype]
+        assert_close(lse, jax.nn.logsumexp(logits, axis=-1).reshape(p.batch, p.heads_q, p.seq_q), lse_tol, "lse")
+
+        split = p.seq_k // 2 - 3
+        (out_a, lse_a), (out_b, lse_b) = attend(k[:, :split], v[:, :split]), attend(k[:, split:], v[:, split:])
+        lse_ab = jnp.logaddexp(lse_a, lse_b)
+        weight = lambda part: jnp.exp(part - lse_ab).transpose(0, 2, 1)[..., None]  # [B, T, Hq, 1]
+        merged = weight(lse_a) * out_a.astype(jnp.float32) + weight(lse_b) * out_b.astype(jnp.float32)
+        assert_close(merged, out, TOL[p.dtype] / 10 if p.dtype == jnp.float32 else TOL[p.dtype], "merged out")
+        assert_close(lse_ab, lse, lse_tol / 10, "merged lse")
+
+
+# ----------------------------------------------------------------------------------------------- decode_attention
+
+@dataclasses.dataclass(frozen=True)
+class DecodeProblem:
+    batch: int
+    seq: int  # cache length S
+    tokens: int  # Tq
+    heads_q: int
+    heads_kv: int
+    dqk: int
+    dv: int
+    dtype: type
+    lengths: tuple[int, ...]
+    seed: int = 0
+
+    def inputs(self):
+        """Random q/k/v with NaN written into every cache entry at or beyond its sequence's length."""
+        rng = np.random.default_rng(self.seed)
+        q = rng.standard_normal((self.batch, self.tokens, self.heads_q, self.dqk), np.float32)
+        k = rng.standard_normal((self.batch, self.seq, self.heads_kv, self.dqk), np.float32)
+        v = rng.standard_normal((self.batch, self.seq, self.heads_kv, self.dv), np.float32)
+        lengths = np.asarray(self.lengths, np.int32)
+        stale = np.arange(self.seq)[None, :] >= lengths[:, None]
+        k[stale], v[stale] = np.nan, np.nan
+        return (jnp.asarray(q, self.dtype), jnp.asarray(k, self.dtype), jnp.asarray(v, self.dtype),
+                jnp.asarray(lengths))
+
+
+def decode_mismatch(problem: DecodeProblem, implementation, **kwargs) -> str | None:
+    """Why `implementation` differs from the float32 reference on `problem` (kwargs: the op's options)."""
+    q, k, v, lengths = problem.inputs()
+    out = decode_attention(q, k, v, lengths, implementation=implementation, **kwargs)
+    options = {name: kwargs[name] for name in ("scale", "sliding_window", "logits_soft_cap") if name in kwargs}
+    ref = decode_attention_reference(q, k, v, lengths, **options)
+    if out.shape != (*q.shape[:3], v.shape[-1]) or out.dtype != q.dtype:
+        return f"out: {out.dtype}{out.shape}, expected {q.dtype}{(*q.shape[:3], v.shape[-1])}"
+    assert np.isfinite(np.asarray(ref, np.float32)).all(), "the reference read a stale (NaN) cache entry"
+    return mismatch(out, ref, TOL[problem.dtype], "out")
+
+
+@st.composite
+def decode_problems(draw, max_s=300, max_batch=3):
+    """(problem, options) pairs: random GQA groups, head dims, lengths (== Tq, == S, between), windows, soft caps,
+    split counts and KV tiles."""
+    b = draw(st.integers(1, max_batch))
+    tq = draw(st.integers(1, 4))
+    s = draw(st.integers(max(tq, 16), max_s))
+    hkv = draw(st.integers(1, 2))
+    dqk = draw(st.sampled_from([32, 64, 72, 128]))
+    problem = DecodeProblem(
+        batch=b, seq=s, tokens=tq, heads_kv=hkv, heads_q=hkv * draw(st.sampled_from([1, 2, 4, 8])), dqk=dqk,
+        dv=draw(st.sampled_from([dqk, 32, 64])), dtype=draw(st.sampled_from([jnp.float32, jnp.bfloat16])),
+        lengths=tuple(draw(st.one_of(st.just(tq), st.just(s), st.integers(tq, s))) for _ in range(b)),
+        seed=draw(st.integers(0, 2**31 - 1)))
+    options = dict(sliding_window=draw(st.one_of(st.none(), st.integers(1, s))),
+                   logits_soft_cap=draw(st.sampled_from([None, 5.0])),
+                   num_splits=draw(st.sampled_from([None, 1, 2, 3, 5])),
+                   block_k=draw(st.sampled_from([None, 16, 32, 64])))
+    if draw(st.booleans()):
+        options["scale"] = 0.3
+    return problem, options
+
+
+class DecodeAttentionTestBase:
+    """decode_attention(implementation=<name>) against the float32 reference, with NaN in every stale cache entry.
+    Subclasses set `implementation` (and `examples`)."""
+    implementation: str
+    examples = 12
+
+    def check(self, case):
+        problem, options = case
+        assert (why := decode_mismatch(problem, self.implementation, **options)) is None, (problem, options, why)
+
+    def test_random_problems(self):
+        settings(max_examples=self.examples, deadline=None, derandomize=True,
+                 suppress_health_check=[HealthCheck.too_slow])(given(decode_problems())(self.check))()
+
+    @pytest.mark.slow
+    def test_random_problems_sweep(self):
+        settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])(
+            given(decode_problems(max_s=1200, max_batch=4))(self.check))()
+
+    @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+    def test_boundary_lengths_and_empty_splits(self, dtype):
+        """length == Tq (the first query sees one key), length == S, and splits wholly past the length."""
+        self.check((DecodeProblem(3, 96, 3, 8, 2, 64, 64, dtype, lengths=(3, 96, 20), seed=1),
+                    dict(num_splits=6, block_k=16)))
+
+    def test_absorbed_mla(self):
+        """One latent KV head, Dqk 576 (= 512 + 64 rope) and Dv 512, 16 heads x 2 tokens."""
+        self.check((DecodeProblem(2, 64, 2, 16, 1, 576, 512, jnp.bfloat16, lengths=(64, 33), seed=2),
+                    dict(num_splits=2, block_k=16)))
+
+    def test_window_of_one_returns_own_value(self):
+        """With sliding_window=1 each query sees only its own key, so the output is exactly its value row."""
+        q, k, v, lengths = DecodeProblem(2, 50, 2, 4, 2, 32, 32, jnp.float32, lengths=(50, 7), seed=3).inputs()
+        out = decode_attention(q, k, v, lengths, sliding_window=1, implementation=self.implementation)
+        pos = np.asarray(lengths)[:, None] - 2 + np.arange(2)
+        own_v = np.repeat(np.asarray(v)[np.arange(2)[:, None], pos], 2, axis=2)  # [B, Tq, Hq, Dv]
+        np.testing.assert_allclose(np.asarray(out), own_v, atol=1e-6, equal_nan=False)
