@@ -14,16 +14,16 @@ from pallas_kernels import ops
 from pallas_kernels.common import check_attention_inputs, check_options, default_interpret, on_gpu
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["q_BTHD", "k_cache_BSKD", "v_cache_BSKE",
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["q_BTHE", "k_cache_BSKE", "v_cache_BSKF",
                                                                   "lengths_B"],
                    meta_fields=["scale", "sliding_window", "logits_soft_cap", "num_splits", "block_k", "interpret"])
 @dataclasses.dataclass(frozen=True)
 class DecodeCall:
     """One validated decode_attention call as every backend's `unsupported_reason(call)` and `run(call)` see it (a
     pytree: the options are static under jit)."""
-    q_BTHD: jax.Array
-    k_cache_BSKD: jax.Array
-    v_cache_BSKE: jax.Array
+    q_BTHE: jax.Array
+    k_cache_BSKE: jax.Array
+    v_cache_BSKF: jax.Array
     lengths_B: jax.Array  # int32, clipped to [Tq, S] by the time `run` sees it
     scale: float
     sliding_window: int | None
@@ -33,13 +33,13 @@ class DecodeCall:
     interpret: bool  # Pallas interpret mode
 
 
-def decode_attention(q_BTHD, k_cache_BSKD, v_cache_BSKE, lengths_B, *, scale: float | None = None,
+def decode_attention(q_BTHE, k_cache_BSKE, v_cache_BSKF, lengths_B, *, scale: float | None = None,
                      sliding_window: int | None = None, logits_soft_cap: float | None = None,
                      num_splits: int | None = None, block_k: int | None = None,
                      implementation: str | Sequence[str] = "auto", interpret: bool | None = None) -> jax.Array:
     """Attention of the Tq newest tokens against a KV cache. Returns [B, Tq, Hq, Dv] in q.dtype.
 
-    q_BTHD [B, Tq, Hq, Dqk]; k_cache_BSKD [B, S, Hkv, Dqk]; v_cache_BSKE [B, S, Hkv, Dv] (Dv may differ from Dqk,
+    q_BTHE [B, Tq, Hq, Dqk]; k_cache_BSKE [B, S, Hkv, Dqk]; v_cache_BSKF [B, S, Hkv, Dv] (Dv may differ from Dqk,
     e.g. absorbed MLA: one latent head, Dqk 576, Dv 512); Hq % Hkv == 0, q head h reads kv head h // (Hq / Hkv).
     lengths_B [B] int: valid entries per sequence *including* the Tq new tokens, already written at positions
     lengths-Tq .. lengths-1 (clipped to [Tq, S]). Query t sits at p = lengths-Tq+t and sees keys j <= p, and
@@ -50,10 +50,10 @@ def decode_attention(q_BTHD, k_cache_BSKD, v_cache_BSKE, lengths_B, *, scale: fl
     xla (triton on GPU once verified there, see `ops.PALLAS_IN_AUTO`). num_splits / block_k override the Triton
     kernel's heuristics.
     """
-    _check_inputs(q_BTHD, k_cache_BSKD, v_cache_BSKE, lengths_B, num_splits)
+    _check_inputs(q_BTHE, k_cache_BSKE, v_cache_BSKF, lengths_B, num_splits)
     check_options(sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, block_k=block_k)
-    call = DecodeCall(q_BTHD=q_BTHD, k_cache_BSKD=k_cache_BSKD, v_cache_BSKE=v_cache_BSKE, lengths_B=lengths_B,
-                      scale=q_BTHD.shape[-1] ** -0.5 if scale is None else float(scale),
+    call = DecodeCall(q_BTHE=q_BTHE, k_cache_BSKE=k_cache_BSKE, v_cache_BSKF=v_cache_BSKF, lengths_B=lengths_B,
+                      scale=q_BTHE.shape[-1] ** -0.5 if scale is None else float(scale),
                       sliding_window=sliding_window,
                       logits_soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
                       num_splits=num_splits, block_k=block_k,
@@ -64,7 +64,7 @@ def decode_attention(q_BTHD, k_cache_BSKD, v_cache_BSKE, lengths_B, *, scale: fl
 
 @functools.partial(jax.jit, static_argnames="name")
 def _decode(call: DecodeCall, name: str):
-    lengths_B = jnp.clip(call.lengths_B.astype(jnp.int32), call.q_BTHD.shape[1], call.k_cache_BSKD.shape[1])
+    lengths_B = jnp.clip(call.lengths_B.astype(jnp.int32), call.q_BTHE.shape[1], call.k_cache_BSKE.shape[1])
     return ops.load("decode_attention", name).run(dataclasses.replace(call, lengths_B=lengths_B))
 
 

@@ -147,24 +147,24 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, cfg: De
     l_ref[...] = l
 
 
-def decode_attention_triton(q_BTHD, k_cache_BSKD, v_cache_BSKE, lengths_B, *, scale: float,
+def decode_attention_triton(q_BTHE, k_cache_BSKE, v_cache_BSKF, lengths_B, *, scale: float,
                             sliding_window: int | None, logits_soft_cap: float | None, num_splits: int | None,
                             block_k: int | None, interpret: bool) -> jax.Array:
     """Split-K decode kernel plus the log-sum-exp combine. Inputs are validated (and jitted) by
     `api.decode_attention`; lengths are already clipped to [Tq, S]."""
-    b, tq, hq, dqk = q_BTHD.shape
-    s, hkv, dv = k_cache_BSKD.shape[1], k_cache_BSKD.shape[2], v_cache_BSKE.shape[3]
+    b, tq, hq, dqk = q_BTHE.shape
+    s, hkv, dv = k_cache_BSKE.shape[1], k_cache_BSKE.shape[2], v_cache_BSKF.shape[3]
     group = hq // hkv
     rows = tq * group
     qk_chunks, v_chunks = column_chunks(dqk), column_chunks(dv)
     dqk_pad, dv_pad = round_up(dqk, 16), round_up(dv, 16)
-    cfg = decode_config(b, s, tq, hq, hkv, dqk, dv, k_cache_BSKD.dtype.itemsize, num_splits=num_splits,
+    cfg = decode_config(b, s, tq, hq, hkv, dqk, dv, k_cache_BSKE.dtype.itemsize, num_splits=num_splits,
                         block_k=block_k)
     block_m, row_blocks, num_splits = cfg.block_m, cfg.row_blocks, cfg.num_splits
 
     # Rows of one kv head's group, token-major: [B, Hkv, Tq * group (padded), Dqk (padded)]. q is small; the
     # caches are never copied.
-    q = q_BTHD.reshape(b, tq, hkv, group, dqk).transpose(0, 2, 1, 3, 4).reshape(b, hkv, rows, dqk)
+    q = q_BTHE.reshape(b, tq, hkv, group, dqk).transpose(0, 2, 1, 3, 4).reshape(b, hkv, rows, dqk)
     q = jnp.pad(q, ((0, 0), (0, 0), (0, row_blocks * block_m - rows), (0, dqk_pad - dqk)))
     precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else lax.Precision.DEFAULT
     kernel = functools.partial(
@@ -198,14 +198,14 @@ def decode_attention_triton(q_BTHD, k_cache_BSKD, v_cache_BSKE, lengths_B, *, sc
         compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=2),
         interpret=interpret,
         name="decode_attention_split_k",
-    )(lengths_B, q, k_cache_BSKD, v_cache_BSKE)
+    )(lengths_B, q, k_cache_BSKE, v_cache_BSKF)
 
     # Exact combine over splits (base 2). Every real row sees at least its own key, so its total weight is >= 1.
     m_max = m_part.max(axis=2, keepdims=True)
     w = jnp.exp2(m_part - m_max)
     o = (w[..., None] * o_part).sum(axis=2) / (w * l_part).sum(axis=2)[..., None]
     o = o[:, :, :rows, :dv].reshape(b, hkv, tq, group, dv).transpose(0, 2, 1, 3, 4)
-    return o.reshape(b, tq, hq, dv).astype(q_BTHD.dtype)
+    return o.reshape(b, tq, hq, dv).astype(q_BTHE.dtype)
 
 
 def unsupported_reason(call) -> None:
@@ -214,7 +214,7 @@ def unsupported_reason(call) -> None:
 
 
 def run(call):
-    return decode_attention_triton(call.q_BTHD, call.k_cache_BSKD, call.v_cache_BSKE, call.lengths_B,
+    return decode_attention_triton(call.q_BTHE, call.k_cache_BSKE, call.v_cache_BSKF, call.lengths_B,
                                    scale=call.scale, sliding_window=call.sliding_window,
                                    logits_soft_cap=call.logits_soft_cap, num_splits=call.num_splits,
                                    block_k=call.block_k, interpret=call.interpret)

@@ -18,9 +18,9 @@ from pallas_kernels.common import check_attention_inputs, check_options, default
 @dataclasses.dataclass(frozen=True)
 class FlashCall:
     """One validated flash_attention call as every backend's `unsupported_reason(call)` and `run(call)` see it."""
-    q_BTHD: jax.Array
-    k_BSKD: jax.Array
-    v_BSKE: jax.Array
+    q_BTHE: jax.Array
+    k_BSKE: jax.Array
+    v_BSKF: jax.Array
     segment_ids_BT: jax.Array | None
     gate_BTH: jax.Array | None
     causal: bool
@@ -69,7 +69,7 @@ def flash_attention(q, k, v, *, causal: bool = False, sliding_window: int | None
     """
     _check_inputs(q, k, v, causal=causal, sliding_window=sliding_window, segment_ids=segment_ids, gate=gate)
     check_options(sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, block_q=block_q, block_k=block_k)
-    call = FlashCall(q_BTHD=q, k_BSKD=k, v_BSKE=v, segment_ids_BT=segment_ids, gate_BTH=gate, causal=causal,
+    call = FlashCall(q_BTHE=q, k_BSKE=k, v_BSKF=v, segment_ids_BT=segment_ids, gate_BTH=gate, causal=causal,
                      sliding_window=sliding_window,
                      scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale),
                      logits_soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),

@@ -10,7 +10,7 @@ from pallas_kernels.common import on_gpu
 
 def unsupported_reason(call) -> str | None:
     """Why cuDNN (as jax.nn exposes it) can't take this call, or None if it can."""
-    q, v = call.q_BTHD, call.v_BSKE
+    q, v = call.q_BTHE, call.v_BSKF
     d = q.shape[-1]
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         return f"{q.dtype} inputs (cuDNN takes bf16/fp16)"
@@ -30,7 +30,7 @@ def unsupported_reason(call) -> str | None:
 
 def run(call):
     out = jax.nn.dot_product_attention(
-        call.q_BTHD, call.k_BSKD, call.v_BSKE, scale=call.scale, is_causal=call.causal, implementation="cudnn",
+        call.q_BTHE, call.k_BSKE, call.v_BSKF, scale=call.scale, is_causal=call.causal, implementation="cudnn",
         local_window_size=None if call.sliding_window is None else (call.sliding_window - 1, 0))
     # The gate is an elementwise epilogue XLA fuses; cuDNN has no slot for it.
-    return out if call.gate_BTH is None else (out * call.gate_BTH[..., None]).astype(call.q_BTHD.dtype)
+    return out if call.gate_BTH is None else (out * call.gate_BTH[..., None]).astype(call.q_BTHE.dtype)

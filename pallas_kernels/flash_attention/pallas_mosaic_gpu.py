@@ -77,7 +77,7 @@ def default_blocks(head_dim: int) -> tuple[int, int, int]:
 
 def unsupported_reason(call) -> str | None:
     """Why the Mosaic GPU forward can't take this call, or None if it can."""
-    q, v = call.q_BTHD, call.v_BSKE
+    q, v = call.q_BTHE, call.v_BSKF
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         return f"{q.dtype} inputs (wgmma path takes bf16/fp16)"
     if v.shape[-1] != q.shape[-1]:
@@ -262,15 +262,15 @@ def _kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *, cfg: Config, head_
             plgpu.barrier_wait(v_free.at[slot])
 
 
-def forward(q_BTHD, k_BSKD, v_BSKD, cfg: Config):
+def forward(q_BTHE, k_BSKE, v_BSKE, cfg: Config):
     """Mosaic GPU forward on arrays padded to the tiles: (out [B, T, Hq, D], lse [B, Hq, T] f32, natural log)."""
-    b, t, hq, d = q_BTHD.shape
-    s = k_BSKD.shape[1]
+    b, t, hq, d = q_BTHE.shape
+    s = k_BSKE.shape[1]
     block_q, block_kv = cfg.block_q, cfg.block_kv
-    assert t % (COMPUTE_WGS * block_q) == 0 and s % block_kv == 0 and d in HEAD_DIMS, (q_BTHD.shape, cfg)
+    assert t % (COMPUTE_WGS * block_q) == 0 and s % block_kv == 0 and d in HEAD_DIMS, (q_BTHE.shape, cfg)
     kv_steps_total = s // block_kv
     stages = min(cfg.num_stages, kv_steps_total)
-    dtype = q_BTHD.dtype
+    dtype = q_BTHE.dtype
     swizzle = 128  # bytes: 64 bf16/fp16 columns, the widest wgmma/TMA swizzle; needs D and block_kv % 64 == 0
     transforms = (plgpu.TilingTransform((8, swizzle // dtype.itemsize)), plgpu.SwizzleTransform(swizzle))
 
@@ -304,7 +304,7 @@ def forward(q_BTHD, k_BSKD, v_BSKD, cfg: Config):
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams() if cfg.interpret else None,
         kernel_name="flash_fwd_mosaic",
-    )(q_BTHD, k_BSKD, v_BSKD)
+    )(q_BTHE, k_BSKE, v_BSKE)
 
 
 # ------------------------------------------------------------------------------------------------------ autodiff
@@ -327,7 +327,7 @@ def _attention_bwd(cfg: Config, res, cotangents):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def flash_attention_mosaic_gpu(q_BTHD, k_BSKD, v_BSKD, *, causal: bool, scale: float, block_q: int | None = None,
+def flash_attention_mosaic_gpu(q_BTHE, k_BSKE, v_BSKE, *, causal: bool, scale: float, block_q: int | None = None,
                                block_k: int | None = None, interpret: bool, p_in_smem: bool | None = None,
                                acc_in_place: bool | None = None):
     """Pads to the tiles, runs the Mosaic GPU forward (Triton dQ/dK/dV backward), slices back: (out [B,T,Hq,D],
@@ -336,8 +336,8 @@ def flash_attention_mosaic_gpu(q_BTHD, k_BSKD, v_BSKD, *, causal: bool, scale: f
     block_q (rows per consumer warpgroup) and block_k override the forward tiles (multiples of 64); the Triton
     backward keeps its own defaults. p_in_smem / acc_in_place default to the GPU fast path, and are forced to the
     interpreter-compatible path (True / False) in interpret mode."""
-    _, t, hq, d = q_BTHD.shape
-    s, hkv = k_BSKD.shape[1], k_BSKD.shape[2]
+    _, t, hq, d = q_BTHE.shape
+    s, hkv = k_BSKE.shape[1], k_BSKE.shape[2]
     dbq, dbk, stages = default_blocks(d)
     block_q, block_kv = block_q or dbq, block_k or dbk
     for name, block in (("block_q", block_q), ("block_k", block_kv)):
@@ -358,12 +358,12 @@ def flash_attention_mosaic_gpu(q_BTHD, k_BSKD, v_BSKD, *, causal: bool, scale: f
         t_pad = s_pad = max(t_pad, s_pad)
     cfg = Config(scale=scale, causal=causal, seq_k=s, group=hq // hkv, block_q=block_q, block_kv=block_kv,
                  num_stages=stages, p_in_smem=p_in_smem, acc_in_place=acc_in_place, interpret=interpret)
-    out, lse = _attention(pad_axis(q_BTHD, 1, t_pad), pad_axis(k_BSKD, 1, s_pad), pad_axis(v_BSKD, 1, s_pad), cfg)
+    out, lse = _attention(pad_axis(q_BTHE, 1, t_pad), pad_axis(k_BSKE, 1, s_pad), pad_axis(v_BSKE, 1, s_pad), cfg)
     return out[:, :t], lse[:, :, :t]
 
 
 def run(call):
-    out, lse = flash_attention_mosaic_gpu(call.q_BTHD, call.k_BSKD, call.v_BSKE, causal=call.causal,
+    out, lse = flash_attention_mosaic_gpu(call.q_BTHE, call.k_BSKE, call.v_BSKF, causal=call.causal,
                                           scale=call.scale, block_q=call.block_q, block_k=call.block_k,
                                           interpret=call.interpret)
     return (out, lse) if call.return_lse else out

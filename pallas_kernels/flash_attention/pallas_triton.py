@@ -56,12 +56,12 @@ def _fwd_kernel(q_ref, k_ref, v_ref, seg_ref, gate_ref, o_ref, lse_ref, o_ungate
     lse_ref[...] = (m + jnp.log2(l)) * LN2
 
 
-def forward(q_BTHD, k_BSKD, v_BSKE, gate_BTH, seg_BL, cfg: tc.Config, *, save_ungated: bool):
+def forward(q_BTHE, k_BSKE, v_BSKF, gate_BTH, seg_BL, cfg: tc.Config, *, save_ungated: bool):
     """Forward kernel on padded arrays: (out [B,T,Hq,Dv], lse [B,Hq,T] f32, ungated out or None)."""
-    b, t, hq, _ = q_BTHD.shape
-    dv = v_BSKE.shape[3]
+    b, t, hq, _ = q_BTHE.shape
+    dv = v_BSKF.shape[3]
     block_q, _ = cfg.fwd_blocks
-    out_shape = [jax.ShapeDtypeStruct((b, t, hq, dv), q_BTHD.dtype), jax.ShapeDtypeStruct((b, hq, t), jnp.float32)]
+    out_shape = [jax.ShapeDtypeStruct((b, t, hq, dv), q_BTHE.dtype), jax.ShapeDtypeStruct((b, hq, t), jnp.float32)]
     o_spec = pl.BlockSpec((None, block_q, None, dv), lambda i, b, h: (b, i, h, 0))
     out_specs = [o_spec, pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, i))]
     if save_ungated:
@@ -70,10 +70,10 @@ def forward(q_BTHD, k_BSKD, v_BSKE, gate_BTH, seg_BL, cfg: tc.Config, *, save_un
     outs = pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg),
         grid=(t // block_q, b, hq),
-        in_specs=tc.per_query_block_specs(q_BTHD, k_BSKD, v_BSKE, gate_BTH, seg_BL, block_q, cfg.group),
+        in_specs=tc.per_query_block_specs(q_BTHE, k_BSKE, v_BSKF, gate_BTH, seg_BL, block_q, cfg.group),
         out_specs=out_specs, out_shape=out_shape, compiler_params=tc.compiler_params(cfg),
         interpret=cfg.interpret, name="flash_fwd",
-    )(q_BTHD, k_BSKD, v_BSKE, seg_BL, gate_BTH)
+    )(q_BTHE, k_BSKE, v_BSKF, seg_BL, gate_BTH)
     return outs[0], outs[1], outs[2] if save_ungated else None
 
 
@@ -93,18 +93,18 @@ def _attention_fwd(q, k, v, gate, seg, cfg: tc.Config):
 _attention.defvjp(_attention_fwd, pallas_triton_bwd.attention_backward)
 
 
-def flash_attention_triton(q_BTHD, k_BSKD, v_BSKE, *, gate_BTH=None, segment_ids_BT=None, causal: bool,
+def flash_attention_triton(q_BTHE, k_BSKE, v_BSKF, *, gate_BTH=None, segment_ids_BT=None, causal: bool,
                            sliding_window: int | None, scale: float, logits_soft_cap: float | None,
                            block_q: int | None, block_k: int | None, interpret: bool):
     """Pads to the kernels' tile rules, runs the custom-VJP kernels, and slices back: (out [B,T,Hq,Dv],
     lse [B,Hq,T] f32). Inputs are assumed validated (api.flash_attention)."""
-    t, dv = q_BTHD.shape[1], v_BSKE.shape[3]
+    t, dv = q_BTHE.shape[1], v_BSKF.shape[3]
     cfg, t_pad, s_pad, dqk_pad, dv_pad = tc.make_config(
-        q_BTHD.shape, k_BSKD.shape, dv, causal=causal, sliding_window=sliding_window, scale=scale,
+        q_BTHE.shape, k_BSKE.shape, dv, causal=causal, sliding_window=sliding_window, scale=scale,
         logits_soft_cap=logits_soft_cap, block_q=block_q, block_k=block_k, interpret=interpret)
-    q = pad_axis(pad_axis(q_BTHD, 3, dqk_pad), 1, t_pad)
-    k = pad_axis(pad_axis(k_BSKD, 3, dqk_pad), 1, s_pad)
-    v = pad_axis(pad_axis(v_BSKE, 3, dv_pad), 1, s_pad)
+    q = pad_axis(pad_axis(q_BTHE, 3, dqk_pad), 1, t_pad)
+    k = pad_axis(pad_axis(k_BSKE, 3, dqk_pad), 1, s_pad)
+    v = pad_axis(pad_axis(v_BSKF, 3, dv_pad), 1, s_pad)
     gate = None if gate_BTH is None else pad_axis(gate_BTH, 1, t_pad)
     seg = None if segment_ids_BT is None else pad_axis(segment_ids_BT.astype(jnp.int32), 1, max(t_pad, s_pad), -1)
     out, lse = _attention(q, k, v, gate, seg, cfg)
@@ -118,7 +118,7 @@ def unsupported_reason(call) -> None:
 
 def run(call):
     out, lse = flash_attention_triton(
-        call.q_BTHD, call.k_BSKD, call.v_BSKE, gate_BTH=call.gate_BTH, segment_ids_BT=call.segment_ids_BT,
+        call.q_BTHE, call.k_BSKE, call.v_BSKF, gate_BTH=call.gate_BTH, segment_ids_BT=call.segment_ids_BT,
         causal=call.causal, sliding_window=call.sliding_window, scale=call.scale,
         logits_soft_cap=call.logits_soft_cap, block_q=call.block_q, block_k=call.block_k, interpret=call.interpret)
     return (out, lse) if call.return_lse else out

@@ -105,28 +105,28 @@ def _dkv_kernel(q_ref, k_ref, v_ref, seg_ref, gate_ref, do_ref, lse_ref, delta_r
 
 # ------------------------------------------------------------------------------------------------ pallas_calls
 
-def backward_dq(q_BTHD, k_BSKD, v_BSKE, gate_BTH, seg_BL, do_BTHE, lse_BHT, delta_BHT, cfg: tc.Config):
-    b, t, hq, dqk = q_BTHD.shape
-    dv = v_BSKE.shape[3]
+def backward_dq(q_BTHE, k_BSKE, v_BSKF, gate_BTH, seg_BL, do_BTHF, lse_BHT, delta_BHT, cfg: tc.Config):
+    b, t, hq, dqk = q_BTHE.shape
+    dv = v_BSKF.shape[3]
     block_q, _ = cfg.dq_blocks
     row_spec = pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, i))
     return pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg),
         grid=(t // block_q, b, hq),
         in_specs=[
-            *tc.per_query_block_specs(q_BTHD, k_BSKD, v_BSKE, gate_BTH, seg_BL, block_q, cfg.group),
+            *tc.per_query_block_specs(q_BTHE, k_BSKE, v_BSKF, gate_BTH, seg_BL, block_q, cfg.group),
             pl.BlockSpec((None, block_q, None, dv), lambda i, b, h: (b, i, h, 0)),
             row_spec, row_spec,
         ],
         out_specs=pl.BlockSpec((None, block_q, None, dqk), lambda i, b, h: (b, i, h, 0)),
-        out_shape=jax.ShapeDtypeStruct(q_BTHD.shape, q_BTHD.dtype), compiler_params=tc.compiler_params(cfg),
+        out_shape=jax.ShapeDtypeStruct(q_BTHE.shape, q_BTHE.dtype), compiler_params=tc.compiler_params(cfg),
         interpret=cfg.interpret, name="flash_dq",
-    )(q_BTHD, k_BSKD, v_BSKE, seg_BL, gate_BTH, do_BTHE, lse_BHT, delta_BHT)
+    )(q_BTHE, k_BSKE, v_BSKF, seg_BL, gate_BTH, do_BTHF, lse_BHT, delta_BHT)
 
 
-def backward_dkv(q_BTHD, k_BSKD, v_BSKE, gate_BTH, seg_BL, do_BTHE, lse_BHT, delta_BHT, cfg: tc.Config):
-    b, t, _, dqk = q_BTHD.shape
-    s, hkv, dv = k_BSKD.shape[1], k_BSKD.shape[2], v_BSKE.shape[3]
+def backward_dkv(q_BTHE, k_BSKE, v_BSKF, gate_BTH, seg_BL, do_BTHF, lse_BHT, delta_BHT, cfg: tc.Config):
+    b, t, _, dqk = q_BTHE.shape
+    s, hkv, dv = k_BSKE.shape[1], k_BSKE.shape[2], v_BSKF.shape[3]
     _, block_k = cfg.dkv_blocks
     g = cfg.group
     group_rows = pl.BlockSpec((None, g, t), lambda j, b, kh: (b, kh, 0))
@@ -144,9 +144,9 @@ def backward_dkv(q_BTHD, k_BSKD, v_BSKE, gate_BTH, seg_BL, do_BTHE, lse_BHT, del
         ],
         out_specs=[pl.BlockSpec((None, block_k, None, dqk), lambda j, b, kh: (b, j, kh, 0)),
                    pl.BlockSpec((None, block_k, None, dv), lambda j, b, kh: (b, j, kh, 0))],
-        out_shape=[jax.ShapeDtypeStruct(k_BSKD.shape, k_BSKD.dtype), jax.ShapeDtypeStruct(v_BSKE.shape, v_BSKE.dtype)],
+        out_shape=[jax.ShapeDtypeStruct(k_BSKE.shape, k_BSKE.dtype), jax.ShapeDtypeStruct(v_BSKF.shape, v_BSKF.dtype)],
         compiler_params=tc.compiler_params(cfg), interpret=cfg.interpret, name="flash_dkv",
-    )(q_BTHD, k_BSKD, v_BSKE, seg_BL, gate_BTH, do_BTHE, lse_BHT, delta_BHT)
+    )(q_BTHE, k_BSKE, v_BSKF, seg_BL, gate_BTH, do_BTHF, lse_BHT, delta_BHT)
 
 
 def attention_backward(cfg: tc.Config, res, cotangents):

@@ -142,10 +142,10 @@ def kv_block_range(q_start, block_q: int, block_k: int, cfg: Config):
     return lo, hi
 
 
-def per_query_block_specs(q_BTHD, k_BSKD, v_BSKE, gate_BTH, seg_BL, block_q: int, group: int) -> list:
+def per_query_block_specs(q_BTHE, k_BSKE, v_BSKF, gate_BTH, seg_BL, block_q: int, group: int) -> list:
     """In-specs of the kernels gridded over (q block i, batch b, q head h): q's block, all of its kv head's K and V
     (GQA through the index map), segment ids and the gate's block."""
-    dqk, s, dv = q_BTHD.shape[3], k_BSKD.shape[1], v_BSKE.shape[3]
+    dqk, s, dv = q_BTHE.shape[3], k_BSKE.shape[1], v_BSKF.shape[3]
     return [
         pl.BlockSpec((None, block_q, None, dqk), lambda i, b, h: (b, i, h, 0)),
         pl.BlockSpec((None, s, None, dqk), lambda i, b, h: (b, 0, h // group, 0)),

@@ -30,17 +30,17 @@ def attention_mask(seq_q: int, seq_k: int, *, causal: bool = False, sliding_wind
     return mask
 
 
-def flash_attention_reference(q_BTHD, k_BSKD, v_BSKE, *, causal: bool = False, sliding_window: int | None = None,
+def flash_attention_reference(q_BTHE, k_BSKE, v_BSKF, *, causal: bool = False, sliding_window: int | None = None,
                               segment_ids=None, scale: float | None = None, logits_soft_cap: float | None = None,
                               gate=None, return_lse: bool = False):
     """Softmax attention in float32 with every option of `flash_attention`; returns out [B, T, Hq, Dv] in q.dtype
     (and lse [B, Hq, T] float32 with `return_lse`). GQA by grouping q heads, never by repeating K/V."""
-    b, t, hq, dqk = q_BTHD.shape
-    s, hkv, dv = k_BSKD.shape[1], k_BSKD.shape[2], v_BSKE.shape[3]
+    b, t, hq, dqk = q_BTHE.shape
+    s, hkv, dv = k_BSKE.shape[1], k_BSKE.shape[2], v_BSKF.shape[3]
     group = hq // hkv
     scale = 1.0 / math.sqrt(dqk) if scale is None else scale
-    q_BTKGD = q_BTHD.reshape(b, t, hkv, group, dqk)
-    logits_BKGTS = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_BSKD, preferred_element_type=jnp.float32,
+    q_BTKGE = q_BTHE.reshape(b, t, hkv, group, dqk)
+    logits_BKGTS = jnp.einsum("btkgd,bskd->bkgts", q_BTKGE, k_BSKE, preferred_element_type=jnp.float32,
                               precision=jax.lax.Precision.HIGHEST) * scale
     if logits_soft_cap is not None:
         logits_BKGTS = logits_soft_cap * jnp.tanh(logits_BKGTS / logits_soft_cap)
@@ -49,15 +49,15 @@ def flash_attention_reference(q_BTHD, k_BSKD, v_BSKE, *, causal: bool = False, s
         logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, MASK_VALUE)
     lse_BKGT = jax.nn.logsumexp(logits_BKGTS, axis=-1)
     probs_BKGTS = jnp.exp(logits_BKGTS - lse_BKGT[..., None])
-    out_BTKGE = jnp.einsum("bkgts,bske->btkge", probs_BKGTS, v_BSKE.astype(jnp.float32),
+    out_BTKGF = jnp.einsum("bkgts,bske->btkge", probs_BKGTS, v_BSKF.astype(jnp.float32),
                            precision=jax.lax.Precision.HIGHEST)
-    out_BTHE = out_BTKGE.reshape(b, t, hq, dv)
+    out_BTHF = out_BTKGF.reshape(b, t, hq, dv)
     if gate is not None:
-        out_BTHE = out_BTHE * gate.astype(jnp.float32)[..., None]
-    out_BTHE = out_BTHE.astype(q_BTHD.dtype)
+        out_BTHF = out_BTHF * gate.astype(jnp.float32)[..., None]
+    out_BTHF = out_BTHF.astype(q_BTHE.dtype)
     if return_lse:
-        return out_BTHE, lse_BKGT.reshape(b, hq, t)
-    return out_BTHE
+        return out_BTHF, lse_BKGT.reshape(b, hq, t)
+    return out_BTHF
 
 
 def unsupported_reason(call) -> None:
@@ -67,6 +67,6 @@ def unsupported_reason(call) -> None:
 
 def run(call):
     return flash_attention_reference(
-        call.q_BTHD, call.k_BSKD, call.v_BSKE, causal=call.causal, sliding_window=call.sliding_window,
+        call.q_BTHE, call.k_BSKE, call.v_BSKF, causal=call.causal, sliding_window=call.sliding_window,
         segment_ids=call.segment_ids_BT, scale=call.scale, logits_soft_cap=call.logits_soft_cap, gate=call.gate_BTH,
         return_lse=call.return_lse)

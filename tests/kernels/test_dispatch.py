@@ -28,7 +28,7 @@ def flash_call(dtype=jnp.float32, dims=(64, 64), **options) -> FlashCall:
     v = jnp.zeros((1, 64, 2, dims[1]), dtype)
     defaults = dict(segment_ids_BT=None, gate_BTH=None, causal=False, sliding_window=None, scale=0.125,
                     logits_soft_cap=None, return_lse=False, block_q=None, block_k=None, interpret=True)
-    return FlashCall(q_BTHD=q, k_BSKD=q, v_BSKE=v, **(defaults | options))
+    return FlashCall(q_BTHE=q, k_BSKE=q, v_BSKF=v, **(defaults | options))
 
 
 def test_tables_list_implementations_in_auto_order():
