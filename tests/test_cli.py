@@ -279,3 +279,15 @@ def test_cli_bad_inputs_exit_2_with_a_clear_message(tiny_run, tmp_path):
         assert code == 2, (argv, err)
         assert message in err, (argv, err)
         assert "Traceback" not in err
+
+
+def test_attnzoo_train_trains_a_zoo_hybrid(tiny_run, tmp_path):
+    corpus, _ = tiny_run
+    run_dir = tmp_path / "zoo"
+    code, out, err = _run_cli(train_cli.main, [*TINY_ARGS, "--plan", "mla,ccgqa,moh,gated", "--data", str(corpus),
+                                               "--run-dir", str(run_dir)])
+    assert code == 0, err
+    assert "plan mla,ccgqa,moh,gated" in out
+    losses = [record["loss"] for record in _records(run_dir, "train")]
+    assert len(losses) == 4 and np.isfinite(losses).all()
+    assert np.isfinite(_records(run_dir, "eval")[-1]["val_loss"])
