@@ -156,9 +156,12 @@ class CompressedConvAttention(Mixer):
         allowed = [c for c in range(1, d + 1) if d % c == 0 and (d // c) % head_dim == 0]
         kv_compression = options.kv_compression or options.compression
         for name, value in (("compression", options.compression), ("kv_compression", kv_compression)):
+            if not allowed:
+                raise ValueError(f"head_dim={head_dim} does not divide d_model={d}, so no {name} gives a latent of "
+                                 f"whole heads; set the option head_dim to a divisor of d_model")
             if value not in allowed:
                 raise ValueError(f"{name}={value} must split d_model={d} into a latent of whole heads of "
-                                 f"head_dim={head_dim}; allowed: {', '.join(map(str, allowed)) or 'none'}")
+                                 f"head_dim={head_dim}; allowed: {', '.join(map(str, allowed))}")
         if kv_compression % options.compression:
             raise ValueError(f"kv_compression={kv_compression} must be a multiple of compression="
                              f"{options.compression} (query heads share kv heads in whole groups)")
