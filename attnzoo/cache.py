@@ -29,6 +29,12 @@ def write_at(buffer_BS, new_BT, at_B):
     return write(buffer_BS, new_BT, at_B)
 
 
+def rows_before(rows_BSX, end_B, p: int):
+    """The p rows before row end_B of each sequence: a fixed-size window of history (a convolution's state) read
+    where each sequence's valid rows end."""
+    return jax.vmap(lambda rows, end: jax.lax.dynamic_slice_in_dim(rows, end, p, axis=0))(rows_BSX, end_B)
+
+
 def ensure_within_capacity(lengths_B: jax.Array, capacity: int) -> None:
     """Raise when a sequence would hold more than `capacity` tokens (a cache write past its end would overwrite
     the last slot and give silently wrong outputs). Concrete lengths raise ValueError at once; traced lengths raise

@@ -20,10 +20,12 @@ class RMSNorm(nnx.Module):
         return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def dense(d_in: int, d_out: int, *, dtype, param_dtype, rngs: nnx.Rngs, scale: float = 1.0) -> nnx.Linear:
-    """A bias-free projection with fan-in-scaled normal init (`scale` shrinks residual outputs)."""
+def dense(d_in: int, d_out: int, *, dtype, param_dtype, rngs: nnx.Rngs, scale: float = 1.0,
+          use_bias: bool = False) -> nnx.Linear:
+    """A projection with fan-in-scaled normal init (`scale` shrinks residual outputs); bias-free unless asked, a
+    bias starting at zero."""
     init = jax.nn.initializers.normal(stddev=scale / d_in**0.5)
-    return nnx.Linear(d_in, d_out, use_bias=False, kernel_init=init, dtype=dtype, param_dtype=param_dtype,
+    return nnx.Linear(d_in, d_out, use_bias=use_bias, kernel_init=init, dtype=dtype, param_dtype=param_dtype,
                       rngs=rngs)
 
 

@@ -3,15 +3,17 @@
 
     flash_attention(q, k, v, *, causal, ..., implementation)        cudnn, mosaic_gpu, triton, xla
     decode_attention(q, k_cache, v_cache, lengths, implementation)   triton, xla
+    chunked_linear_attention(q, k, v, log_decay, implementation)     triton, xla
 
 Importing the package (or `pallas_kernels.ops`) imports no kernel module and not jax.experimental.pallas: the
-backends load on first use. The two op functions are bound at import, from their light api modules, because their
+backends load on first use. The op functions are bound at import, from their light api modules, because their
 subpackages share their names: a later submodule import would otherwise leave the attribute the subpackage. The
 rest loads lazily (PEP 562).
 """
 
 import importlib
 
+from pallas_kernels.chunked_linear_attention.api import chunked_linear_attention
 from pallas_kernels.decode_attention.api import decode_attention
 from pallas_kernels.flash_attention.api import flash_attention
 
@@ -21,9 +23,10 @@ _LAZY = {
     "lower_for_cuda": "pallas_kernels.common",
     "flash_attention_reference": "pallas_kernels.flash_attention.reference",
     "decode_attention_reference": "pallas_kernels.decode_attention.reference",
+    "chunked_linear_attention_reference": "pallas_kernels.chunked_linear_attention.reference",
 }
 
-__all__ = ["decode_attention", "flash_attention", *_LAZY]
+__all__ = ["chunked_linear_attention", "decode_attention", "flash_attention", *_LAZY]
 
 
 def __getattr__(name: str):

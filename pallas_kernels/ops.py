@@ -6,7 +6,7 @@ Each op lists its implementations in "auto" order. An implementation is a backen
     unsupported_reason(call) -> str | None    why it cannot take this call (None: it can)
     run(call)                                  the op on it
 
-where `call` is the op's validated call record (`FlashCall`, `DecodeCall` in the op's api.py).
+where `call` is the op's validated call record (`FlashCall`, `DecodeCall`, `LinearCall` in the op's api.py).
 
 `implementation=` of an op accepts "auto", one name, or a sequence of names tried in order:
 
@@ -44,6 +44,7 @@ class Implementation:
 
 _FLASH = "pallas_kernels.flash_attention."
 _DECODE = "pallas_kernels.decode_attention."
+_LINEAR = "pallas_kernels.chunked_linear_attention."
 TABLES: dict[str, tuple[Implementation, ...]] = {
     "flash_attention": (
         Implementation("cudnn", _FLASH + "cudnn", gpu_only=True),
@@ -54,6 +55,10 @@ TABLES: dict[str, tuple[Implementation, ...]] = {
     "decode_attention": (
         Implementation("triton", _DECODE + "pallas_triton", gpu_only=True, pallas=True),
         Implementation("xla", _DECODE + "reference"),
+    ),
+    "chunked_linear_attention": (
+        Implementation("triton", _LINEAR + "pallas_triton", gpu_only=True, pallas=True),
+        Implementation("xla", _LINEAR + "reference"),
     ),
 }
 

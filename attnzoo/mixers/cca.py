@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attnzoo.attention import attention, cached_attention
-from attnzoo.cache import write_at
+from attnzoo.cache import rows_before, write_at
 from attnzoo.config import ModelConfig
 from attnzoo.diagnostics import attention_diagnostics
 from attnzoo.layers import apply_rope, dense
@@ -101,13 +101,8 @@ class CCACache:
     def advance(self, k_BTKE, v_BTKE, at_B, qk_rows_BSN, v_shift_rows_BSF, end_B) -> "CCACache":
         """The T new keys/values written at at_B.., and the stream states taken as the rows just before end_B."""
         return CCACache(write_at(self.k_BSKE, k_BTKE, at_B), write_at(self.v_BSKE, v_BTKE, at_B),
-                        _rows_before(qk_rows_BSN, end_B, self.qk_rows_BPN.shape[1]),
-                        _rows_before(v_shift_rows_BSF, end_B, self.v_shift_rows_BPF.shape[1]))
-
-
-def _rows_before(rows_BSX, end_B, p: int):
-    """The p rows before new row end_B of each sequence (rows_BSX holds p history rows, then the new ones)."""
-    return jax.vmap(lambda rows, end: jax.lax.dynamic_slice_in_dim(rows, end, p, axis=0))(rows_BSX, end_B)
+                        rows_before(qk_rows_BSN, end_B, self.qk_rows_BPN.shape[1]),
+                        rows_before(v_shift_rows_BSF, end_B, self.v_shift_rows_BPF.shape[1]))
 
 
 def _windows(rows_BSX, t: int, segment_ids_BT):

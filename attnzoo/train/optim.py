@@ -11,8 +11,9 @@ import optax
 
 PARALLELISMS = ("none", "dp", "fsdp")
 
-# Parameters whose path mentions one of these never get weight decay (in addition to every 1-D parameter).
-NO_DECAY_NAMES = ("norm", "bias")
+# Parameters whose (lower-cased) path mentions one of these never get weight decay (in addition to every 1-D
+# parameter): norms, biases, and state-space decay rates (Mamba's A_log, as the reference exempts it).
+NO_DECAY_NAMES = ("norm", "bias", "a_log")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,14 +1,16 @@
 """Kernel test harness shared by every op and backend: random problems (shapes, dtypes, masks), comparison with the
 float32 reference (outputs, lse, and gradients of sum(out * dO) + sum(lse * dlse)), and CUDA cross-lowering.
 
-Each op has one parameterised base class (`FlashAttentionTestBase`, `DecodeAttentionTestBase`) that a backend's
-test file subclasses with its implementation name, problem space and named cases (tokamax's test_base pattern);
-`conftest.py` parametrises `named_case` from the subclass's `named_cases`.
+Each op has one parameterised base class (`FlashAttentionTestBase`, `DecodeAttentionTestBase`,
+`ChunkedLinearAttentionTestBase`) that a backend's test file subclasses with its implementation name, problem space
+and named cases (tokamax's test_base pattern); `conftest.py` parametrises `named_case` from the subclass's
+`named_cases`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pallas_kernels import decode_attention, flash_attention
+from pallas_kernels import chunked_linear_attention, decode_attention, flash_attention
+from pallas_kernels.chunked_linear_attention import linear_attention_step_reference
 from pallas_kernels.common import lower_for_cuda, on_gpu
 from pallas_kernels.decode_attention import decode_attention_reference
 from pallas_kernels.flash_attention import flash_attention_reference
@@ -313,3 +316,163 @@ class DecodeAttentionTestBase:
         pos = np.asarray(lengths)[:, None] - 2 + np.arange(2)
         own_v = np.repeat(np.asarray(v)[np.arange(2)[:, None], pos], 2, axis=2)  # [B, Tq, Hq, Dv]
         np.testing.assert_allclose(np.asarray(out), own_v, atol=1e-6, equal_nan=False)
+
+
+# --------------------------------------------------------------------------------------- chunked_linear_attention
+
+@dataclasses.dataclass(frozen=True)
+class LinearProblem:
+    batch: int = 2
+    seq: int = 50
+    heads: int = 4  # H, value heads
+    groups: int = 2  # K, q/k heads
+    e: int = 32
+    f: int = 32
+    dtype: type = jnp.float32
+    chunk_size: int = 16
+    lengths: tuple[int, ...] | None = None
+    initial_state: bool = False
+    per_dim_decay: bool = False  # log_decay [B, T, H, E] (GLA) instead of [B, T, H]
+    decays: tuple[float, ...] | None = None  # constant log decay per head (cycled), or None: random in ~[-5, 0)
+    scale: float = 0.5
+    seed: int = 0
+
+    def valid(self) -> np.ndarray:
+        """[B, T] bool: the tokens inside each sequence's length."""
+        lengths = np.full(self.batch, self.seq) if self.lengths is None else np.asarray(self.lengths)
+        return np.arange(self.seq)[None, :] < lengths[:, None]
+
+    def inputs(self):
+        """Fresh random (q, k, v, log_decay, initial_state or None, lengths or None, d_o, d_state); k and v are NaN
+        at and past each sequence's length, and d_o is 0 there (those outputs are unspecified)."""
+        rng = np.random.default_rng(self.seed)
+        b, t, h, kh, e, f = self.batch, self.seq, self.heads, self.groups, self.e, self.f
+        normal = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+        q, k, v = normal(b, t, kh, e) / np.sqrt(e), normal(b, t, kh, e), normal(b, t, h, f)
+        decay_shape = (b, t, h, e) if self.per_dim_decay else (b, t, h)
+        if self.decays is None:
+            log_decay = -np.exp(1.5 * normal(*decay_shape) - 1.5)
+        else:
+            per_head = np.resize(np.asarray(self.decays, np.float32), h).reshape(h, *([1] * self.per_dim_decay))
+            log_decay = np.broadcast_to(per_head, decay_shape).copy()
+        lengths = None if self.lengths is None else np.asarray(self.lengths, np.int32)
+        valid = self.valid()
+        k[~valid], v[~valid] = np.nan, np.nan
+        d_o = normal(b, t, h, f) * valid[:, :, None, None]
+        state = normal(b, h, e, f) if self.initial_state else None
+        return (jnp.asarray(q, self.dtype), jnp.asarray(k, self.dtype), jnp.asarray(v, self.dtype),
+                jnp.asarray(log_decay), None if state is None else jnp.asarray(state),
+                None if lengths is None else jnp.asarray(lengths), jnp.asarray(d_o), jnp.asarray(normal(b, h, e, f)))
+
+
+def linear_value_and_grads(fn, problem: LinearProblem, *, cast=None):
+    """(o, final state, grads of sum(o * d_o) + sum(state * d_state) w.r.t. q, k, v, log_decay and the initial state
+    when given) of fn(q, k, v, log_decay, initial_state_BHEF=, lengths_B=, scale=) -> (o, state), jitted as one
+    program. `cast`: the dtype q, k, v are cast to first (the float32 reference)."""
+    q, k, v, log_decay, state, lengths, d_o, d_state = problem.inputs()
+    diff = [x if cast is None else x.astype(cast) for x in (q, k, v)] + [log_decay] + ([state] * (state is not None))
+
+    def loss(diff, lengths, d_o, d_state):
+        o, s = fn(*diff[:4], initial_state_BHEF=diff[4] if len(diff) == 5 else None, lengths_B=lengths,
+                  scale=problem.scale)
+        return jnp.sum(o.astype(jnp.float32) * d_o) + jnp.sum(s * d_state), (o, s)
+
+    (_, (o, s)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(diff, lengths, d_o, d_state)
+    return o, s, grads
+
+
+def linear_op(implementation, chunk_size: int):
+    """chunked_linear_attention(implementation=...) with the final state, in the signature of the step reference."""
+    return functools.partial(chunked_linear_attention, implementation=implementation, chunk_size=chunk_size,
+                             return_final_state=True)
+
+
+@functools.cache  # backends share named cases: compile and run the recurrence once per problem and process
+def _linear_reference_value_and_grads(problem: LinearProblem):
+    return linear_value_and_grads(linear_attention_step_reference, problem, cast=jnp.float32)
+
+
+def linear_mismatches(problem: LinearProblem, implementation) -> list[str]:
+    """Every way `implementation`'s outputs (inside the lengths), final state and gradients differ from the
+    token-by-token float32 recurrence (empty: none)."""
+    o, s, grads = linear_value_and_grads(linear_op(implementation, problem.chunk_size), problem)
+    ref_o, ref_s, ref_grads = _linear_reference_value_and_grads(problem)
+    valid = problem.valid()[:, :, None, None]
+    names = ("dq", "dk", "dv", "dlog_decay", "dinitial_state")
+    found = [f"{name}: dtype {x.dtype} != {problem.dtype}" for name, x in zip(("o", *names[:3]), (o, *grads[:3]))
+             if x.dtype != problem.dtype]
+    tol = TOL[problem.dtype]
+    checks = [(jnp.where(valid, o, 0), jnp.where(valid, ref_o, 0), tol, "o"), (s, ref_s, tol, "final state")]
+    checks += [(g, ref_g, tol, name) for name, g, ref_g in zip(names, grads, ref_grads)]
+    return found + [why for check in checks if (why := mismatch(*check)) is not None]
+
+
+@st.composite
+def linear_problems(draw, max_seq=100, dtypes=(jnp.float32, jnp.bfloat16), chunk_sizes=(16, 32, 64),
+                    per_dim_decays=(False,)):
+    """Random problems: GQA-style groups, widths off the powers of 2, ragged lengths (0 included), initial states."""
+    groups, per_group = draw(st.sampled_from([(1, 1), (1, 2), (2, 2), (1, 4), (2, 1)]))
+    seq, batch = draw(st.integers(1, max_seq)), draw(st.integers(1, 2))
+    lengths = draw(st.one_of(st.none(), st.tuples(*[st.integers(0, seq)] * batch)))
+    return LinearProblem(
+        batch=batch, seq=seq, heads=groups * per_group, groups=groups, e=draw(st.sampled_from([16, 32, 40, 64])),
+        f=draw(st.sampled_from([16, 24, 64])), dtype=draw(st.sampled_from(dtypes)),
+        chunk_size=draw(st.sampled_from(chunk_sizes)), lengths=lengths, initial_state=draw(st.booleans()),
+        per_dim_decay=draw(st.sampled_from(per_dim_decays)), seed=draw(st.integers(0, 2**31 - 1)))
+
+
+class ChunkedLinearAttentionTestBase:
+    """chunked_linear_attention(implementation=<name>) against the token-by-token float32 recurrence: outputs, final
+    state and every gradient. Subclasses set `implementation` and narrow `problems` to what the backend takes."""
+    implementation: str
+    examples = 6
+    problems = linear_problems()
+    named_cases: dict[str, LinearProblem] = {
+        "ragged_seq_groups": LinearProblem(seq=83, heads=8, groups=2, chunk_size=32, seed=1),
+        "one_token": LinearProblem(batch=1, seq=1, initial_state=True, seed=2),
+        "lengths_and_initial_state": LinearProblem(seq=70, lengths=(70, 17), initial_state=True, chunk_size=32,
+                                                   seed=3),
+        # per token: decay exp(-50) ~ 2e-22 (the state is nearly replaced) and 1 - 1e-6 (it barely decays)
+        "extreme_decays": LinearProblem(seq=150, heads=4, groups=1, decays=(-50.0, -1e-6), chunk_size=64, seed=4),
+        "bf16_mqa": LinearProblem(seq=96, heads=4, groups=1, e=64, f=64, dtype=jnp.bfloat16, chunk_size=32, seed=5),
+    }
+
+    def check(self, problem: LinearProblem):
+        found = linear_mismatches(problem, self.implementation)
+        assert not found, (problem, found)
+
+    def test_random_problems(self):
+        settings(max_examples=self.examples, deadline=None, derandomize=True,
+                 suppress_health_check=[HealthCheck.too_slow])(given(self.problems)(self.check))()
+
+    @pytest.mark.slow
+    def test_random_problems_sweep(self):
+        settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])(
+            given(self.problems)(self.check))()
+
+    def test_named_case(self, named_case: LinearProblem):
+        self.check(named_case)
+
+    def test_continuation_equals_one_call(self):
+        """T tokens in one call == T1 tokens, then T2 more from the carried state (T1 off the chunk grid)."""
+        p = LinearProblem(seq=90, initial_state=True, chunk_size=32, seed=6)
+        q, k, v, log_decay, state, *_ = p.inputs()
+        op = functools.partial(linear_op(self.implementation, p.chunk_size), scale=p.scale)
+        o, s = op(q, k, v, log_decay, initial_state_BHEF=state)
+        t1 = 37
+        o1, s1 = op(q[:, :t1], k[:, :t1], v[:, :t1], log_decay[:, :t1], initial_state_BHEF=state)
+        o2, s2 = op(q[:, t1:], k[:, t1:], v[:, t1:], log_decay[:, t1:], initial_state_BHEF=s1)
+        assert_close(jnp.concatenate([o1, o2], axis=1), o, TOL[p.dtype], "o")
+        assert_close(s2, s, TOL[p.dtype], "final state")
+
+    def test_final_state_is_state_at_each_length(self):
+        """With lengths_B (NaN k, v past them), each sequence's final state and outputs equal an unpadded run of that
+        sequence alone."""
+        p = LinearProblem(batch=3, seq=75, lengths=(75, 40, 1), heads=4, groups=2, chunk_size=16, seed=7)
+        q, k, v, log_decay, _, lengths, *_ = p.inputs()
+        o, s = linear_op(self.implementation, p.chunk_size)(q, k, v, log_decay, lengths_B=lengths, scale=p.scale)
+        for i, n in enumerate(p.lengths):
+            ref_o, ref_s = linear_attention_step_reference(q[i:i + 1, :n], k[i:i + 1, :n], v[i:i + 1, :n],
+                                                           log_decay[i:i + 1, :n], scale=p.scale)
+            assert_close(o[i:i + 1, :n], ref_o, TOL[p.dtype], f"o of sequence {i}")
+            assert_close(s[i:i + 1], ref_s, TOL[p.dtype], f"final state of sequence {i}")

@@ -34,7 +34,8 @@ def flash_call(dtype=jnp.float32, dims=(64, 64), **options) -> FlashCall:
 def test_tables_list_implementations_in_auto_order():
     assert ops.implementations("flash_attention") == ("cudnn", "mosaic_gpu", "triton", "xla")
     assert ops.implementations("decode_attention") == ("triton", "xla")
-    assert set(ops.TABLES) == {"flash_attention", "decode_attention"}
+    assert ops.implementations("chunked_linear_attention") == ("triton", "xla")
+    assert set(ops.TABLES) == {"flash_attention", "decode_attention", "chunked_linear_attention"}
     assert ops.available("flash_attention") == {name: None for name in ops.implementations("flash_attention")}
 
 

@@ -1,0 +1,260 @@
+"""Mamba (S6) specifics (the registry-wide contract is in test_mixer_contract.py): the chunked scan against a
+step-by-step recurrence written here (arXiv 2312.00752 / state-spaces/mamba `mamba_simple.py`), the reference's
+initialisations, packed documents, prefill + decode with several chunks, an MLP-free stack that trains, a 4k-token
+sequence with extreme dt, the closed-form accounting and bad configs."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from attnzoo import LanguageModel, ModelConfig, get_mixer
+from attnzoo.mixers.base import ForwardContext
+
+BASE = dict(vocab_size=53, d_model=32, n_layers=1, n_heads=4, max_seq_len=64)
+
+
+def build_mixer(plan: str, seed: int = 0, d_model: int = 32):
+    cfg = ModelConfig(**{**BASE, "d_model": d_model, "plan": plan})
+    return get_mixer("mamba").cls(cfg, cfg.layer_options[0], shared=None, rngs=nnx.Rngs(seed))
+
+
+def randomize_dynamics(mixer, seed: int):
+    """Move A, dt and D off their initial values so decays far from 1 (and D) are exercised."""
+    rng = np.random.default_rng(seed)
+    mixer.A_log[...] = mixer.A_log[...] + jnp.asarray(rng.normal(0, 0.5, mixer.A_log.shape), jnp.float32)
+    mixer.dt_proj.bias[...] = jnp.asarray(rng.normal(-0.5, 1.0, mixer.dt_proj.bias.shape), jnp.float32)
+    mixer.D[...] = jnp.asarray(rng.normal(1.0, 0.5, mixer.D.shape), jnp.float32)
+    if mixer.conv1d.bias is not None:
+        mixer.conv1d.bias[...] = jnp.asarray(rng.normal(0, 0.3, mixer.conv1d.bias.shape), jnp.float32)
+
+
+def mixer_forward(mixer, x_BTD, ctx: ForwardContext):
+    return nnx.jit(lambda mixer, x_BTD: mixer(x_BTD, ctx).y_BTD)(mixer, x_BTD)  # one compile, not op by op
+
+
+def linear(module, x):
+    y = x @ module.kernel[...]
+    return y if module.bias is None else y + module.bias[...]
+
+
+def reference_forward(mixer, x_BTD):
+    """The paper's layer written out token by token, from the module's parameters: PyTorch Conv1d semantics
+    (weight [I, 1, K], left zero padding), then a plain lax.scan over t of h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t,
+    y_t = C_t h_t + D x_t, from h = 0. Returns (output [B,T,D], the state after each token [B,T,I,N])."""
+    b, t, _ = x_BTD.shape
+    i, n, r = mixer.d_inner, mixer.d_state, mixer.dt_rank
+    xz = linear(mixer.in_proj, x_BTD)
+    x, z = xz[..., :i], xz[..., i:]
+    weight = mixer.conv1d.weight[...]  # [I, 1, K]
+    k = weight.shape[-1]
+    padded = jnp.concatenate([jnp.zeros((b, k - 1, i)), x], axis=1)
+    conv = sum(padded[:, j:j + t] * weight[:, 0, j] for j in range(k))
+    if mixer.conv1d.bias is not None:
+        conv = conv + mixer.conv1d.bias[...]
+    x = jax.nn.silu(conv)
+    x_dbl = x @ mixer.x_proj.kernel[...]
+    dt = jax.nn.softplus(linear(mixer.dt_proj, x_dbl[..., :r]))
+    B, C = x_dbl[..., r:r + n], x_dbl[..., r + n:]
+    A = -jnp.exp(mixer.A_log[...])
+
+    def step(h, inputs):  # h [B, I, N]
+        x_t, dt_t, B_t, C_t = inputs
+        h = jnp.exp(dt_t[..., None] * A) * h + (dt_t * x_t)[..., None] * B_t[:, None, :]
+        return h, (jnp.einsum("bin,bn->bi", h, C_t), h)
+
+    _, (y, states) = jax.lax.scan(step, jnp.zeros((b, i, n)), tuple(jnp.moveaxis(a, 1, 0) for a in (x, dt, B, C)))
+    y = jnp.moveaxis(y, 0, 1) + mixer.D[...] * x
+    return linear(mixer.out_proj, y * jax.nn.silu(z)), jnp.moveaxis(states, 0, 1)
+
+
+def positions(b, t):
+    return jnp.broadcast_to(jnp.arange(t), (b, t))
+
+
+@pytest.mark.parametrize("options, chunks", [
+    ("", (1, 5, 32)),  # the recurrence itself, a chunk that does not divide T = 13, one past it; same parameters
+    ("d_state=4,d_conv=2,dt_rank=3,bias=true", (4,)),
+    ("d_conv=1,conv_bias=false,expand=1", (13,)),
+])
+def test_chunked_scan_matches_sequential_recurrence(options, chunks):
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 13, 32)), jnp.float32)
+    expected = None
+    for chunk in chunks:
+        mixer = build_mixer(f"mamba({options + ',' if options else ''}chunk_size={chunk})")
+        randomize_dynamics(mixer, seed=2)
+        if expected is None:
+            expected, _ = reference_forward(mixer, x)
+        y = mixer_forward(mixer, x, ForwardContext("full", positions(2, 13)))
+        np.testing.assert_allclose(y, expected, rtol=2e-4, atol=2e-5, err_msg=f"chunk_size={chunk}")
+
+
+def test_initialisation_follows_the_reference():
+    mixer = build_mixer("mamba(d_state=8,dt_min=0.01,dt_max=0.2)", d_model=64)
+    i = 128
+    assert mixer.dt_rank == math.ceil(64 / 16) == 4
+    np.testing.assert_allclose(-jnp.exp(mixer.A_log[...]), -jnp.broadcast_to(jnp.arange(1, 9.0), (i, 8)), rtol=1e-6)
+    assert mixer.A_log.dtype == mixer.D.dtype == jnp.float32
+    np.testing.assert_array_equal(mixer.D[...], jnp.ones(i))
+    dt = np.asarray(jax.nn.softplus(mixer.dt_proj.bias[...]))
+    assert dt.min() >= 0.01 * (1 - 1e-5) and dt.max() <= 0.2 * (1 + 1e-5)
+    # Log-uniform: the log-dt spread covers most of [log 0.01, log 0.2], its mean near the middle.
+    assert np.ptp(np.log(dt)) > 0.8 * math.log(20) and abs(np.log(dt).mean() - math.log(0.01 * 0.2) / 2) < 0.4
+    weight, bound = mixer.dt_proj.kernel[...], 4**-0.5  # U(-R^-1/2, R^-1/2): std bound / sqrt(3)
+    assert float(jnp.abs(weight).max()) <= bound and float(weight.std()) == pytest.approx(bound / 3**0.5, rel=0.1)
+    assert mixer.conv1d.weight.shape == (i, 1, 4) and float(jnp.abs(mixer.conv1d.weight[...]).max()) <= 0.5
+    # The floor clamps dt from below: dt_min under the floor gives dt >= floor.
+    floored = build_mixer("mamba(dt_min=1e-6,dt_max=2e-6,dt_init_floor=1e-3)")
+    np.testing.assert_allclose(jax.nn.softplus(floored.dt_proj.bias[...]), 1e-3, rtol=1e-4)
+
+
+def test_parameter_names_follow_the_released_checkpoints():
+    mixer = build_mixer("mamba")
+    names = {".".join(map(str, path)) for path, _ in nnx.state(mixer, nnx.Param).flat_state()}
+    assert names == {"in_proj.kernel", "conv1d.weight", "conv1d.bias", "x_proj.kernel", "dt_proj.kernel",
+                     "dt_proj.bias", "A_log", "D", "out_proj.kernel"}
+
+
+def test_packed_documents_restart_conv_and_state():
+    """With segment ids, each document equals the reference run on that document alone."""
+    mixer = build_mixer("mamba(chunk_size=4)")
+    randomize_dynamics(mixer, seed=3)
+    lengths = (6, 2, 5)  # across chunk boundaries, one shorter than the conv window
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(1, sum(lengths), 32)), jnp.float32)
+    segments = jnp.asarray(np.repeat(np.arange(3), lengths))[None]
+    y = mixer_forward(mixer, x, ForwardContext("full", positions(1, 13), segment_ids_BT=segments))
+    starts = np.cumsum((0,) + lengths[:-1])
+    # Each document alone, right-padded into one batch (padding comes after: it cannot change a causal output).
+    docs = jnp.stack([jnp.pad(x[0, s:s + n], [(0, max(lengths) - n), (0, 0)]) for s, n in zip(starts, lengths)])
+    expected, _ = reference_forward(mixer, docs)
+    for doc, (s, n) in enumerate(zip(starts, lengths)):
+        np.testing.assert_allclose(y[0, s:s + n], expected[doc, :n], rtol=2e-4, atol=2e-5)
+
+
+def test_prefill_leaves_each_state_at_its_own_length():
+    """The cache after a right-padded prefill holds each sequence's own state and last d_conv - 1 conv inputs."""
+    mixer = build_mixer("mamba(chunk_size=3)")
+    randomize_dynamics(mixer, seed=5)
+    x = jnp.asarray(np.random.default_rng(6).normal(size=(3, 10, 32)), jnp.float32)
+    lengths = jnp.array([1, 4, 10], jnp.int32)
+    ctx = ForwardContext("prefill", positions(3, 10), lengths_B=lengths)
+    cache = nnx.jit(lambda mixer, x: mixer(x, ctx, mixer.init_cache(3, 10)).cache)(mixer, x)
+    _, states = reference_forward(mixer, x)
+    for b, n in enumerate(lengths.tolist()):
+        np.testing.assert_allclose(cache.ssm_BIN[b], states[b, n - 1], rtol=2e-4, atol=2e-5)
+        x_in = linear(mixer.in_proj, x[b, :n])[:, :mixer.d_inner]
+        window = jnp.concatenate([jnp.zeros((3, mixer.d_inner)), x_in])[-3:]
+        np.testing.assert_allclose(cache.conv_BPI[b], window, rtol=1e-5, atol=1e-6)
+
+
+def test_decode_over_several_chunks_equals_full_forward():
+    """Chunks of 2 (so prefill and multi-token decode cross chunk boundaries), d_conv = 3; prompts shorter and
+    longer than the conv window; then 1 and 4 tokens per decode call."""
+    model = LanguageModel(ModelConfig(**{**BASE, "plan": "mamba(chunk_size=2,d_conv=3)"}), rngs=nnx.Rngs(0))
+    randomize_dynamics(model.blocks[0].mixer, seed=7)
+    run = nnx.jit(lambda model, tokens, **kw: model(tokens, **kw), static_argnames="mode")
+    tokens = jnp.asarray(np.random.default_rng(7).integers(0, 53, (3, 12)), jnp.int32)
+    full = run(model, tokens).logits_BTV
+    prompt_lengths = jnp.array([1, 5, 7], jnp.int32)
+    padded = jnp.where(jnp.arange(12)[None] < prompt_lengths[:, None], tokens, 0)
+    out = run(model, padded, caches=model.init_caches(3, 12), lengths_B=prompt_lengths, mode="prefill")
+    for b, n in enumerate(prompt_lengths.tolist()):
+        np.testing.assert_allclose(out.logits_BTV[b, :n], full[b, :n], rtol=1e-4, atol=1e-4)
+    caches, pos = out.caches, prompt_lengths
+    for chunk in (1, 4):
+        pos_BC = pos[:, None] + jnp.arange(chunk)
+        out = run(model, jnp.take_along_axis(tokens, pos_BC, 1), caches=caches, mode="decode")
+        np.testing.assert_allclose(out.logits_BTV, jnp.take_along_axis(full, pos_BC[..., None], 1),
+                                   rtol=1e-4, atol=1e-4)
+        caches, pos = out.caches, pos + chunk
+
+
+def test_mlp_free_stack_trains():
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=4, max_seq_len=32, plan="mamba[mlp=none]*4")
+    model = LanguageModel(cfg, rngs=nnx.Rngs(0))
+    assert all(block.mlp is None for block in model.blocks)
+    tokens = jnp.asarray(np.random.default_rng(8).integers(0, 64, (4, 17)), jnp.int32)
+    optimizer = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer):
+        def loss_fn(model):
+            logits = model(tokens[:, :-1]).logits_BTV
+            return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        optimizer.update(model, grads)
+        return loss
+
+    losses = [float(step(model, optimizer)) for _ in range(8)]
+    assert np.isfinite(losses).all() and losses[-1] < losses[0] - 0.1
+
+
+def test_long_sequence_with_extreme_dt_is_finite():
+    """4096 tokens; half the channels at dt ~ 2e-9 (decay 1: the state sums every input), half at dt ~ 20
+    (decay exp(-20 n) underflows to 0)."""
+    mixer = build_mixer("mamba(d_state=8,chunk_size=32)", d_model=16)
+    i = mixer.d_inner
+    mixer.dt_proj.bias[...] = jnp.where(jnp.arange(i) < i // 2, -20.0, 20.0)
+    t = 4096
+    x = jnp.asarray(np.random.default_rng(9).normal(size=(1, t, 16)), jnp.float32)
+    ctx = ForwardContext("full", positions(1, t))
+
+    def loss(mixer, x):
+        return jnp.mean(mixer(x, ctx).y_BTD ** 2)
+
+    value, (grads, grad_x) = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1)))(mixer, x)
+    assert np.isfinite(float(value)) and float(value) > 0
+    leaves = jax.tree.leaves(nnx.state(grads, nnx.Param))
+    assert all(bool(jnp.isfinite(g).all()) for g in leaves) and bool(jnp.isfinite(grad_x).all())
+    assert float(jnp.abs(grads.x_proj.kernel[...]).sum()) > 0 and float(jnp.abs(grads.A_log[...]).sum()) > 0
+
+
+@pytest.mark.parametrize("plan, n, conv, expand, rank, bias, conv_bias", [
+    ("mamba", 16, 4, 2, 4, False, True),
+    ("mamba(d_state=8,d_conv=2,expand=3,dt_rank=7,bias=true,conv_bias=false)", 8, 2, 3, 7, True, False),
+])
+def test_summary_matches_closed_form(plan, n, conv, expand, rank, bias, conv_bias):
+    """Per layer, I = expand d: params 2dI (+2I) + I K (+I) + I (R + 2N) + R I + I + I N + I + I d (+d);
+    FLOPs 2 (2dI + I K + I (R + 2N) + R I + I d) + 9 I N + 2 I (scan, D skip, z gate); no per-token cache."""
+    d, layers, vocab, mlp, seq = 64, 2, 97, 192, 32
+    cfg = ModelConfig(vocab_size=vocab, d_model=d, n_layers=layers, n_heads=4, mlp_hidden=mlp,
+                      plan=f"{plan}*{layers}", tie_embeddings=False)
+    model = LanguageModel(cfg, rngs=nnx.Rngs(0))
+    s = model.summary(seq_len=seq)
+    i = expand * d
+    mixer = (2 * d * i + bias * 2 * i + i * conv + conv_bias * i + i * (rank + 2 * n) + rank * i + i + i * n + i
+             + i * d + bias * d)
+    assert dict(s.rows)["layer0 mixer (" + str(cfg.layers[0]) + ")"] == mixer
+    assert s.total_params == vocab * d + layers * (mixer + 3 * d * mlp + 2 * d) + d + d * vocab
+    assert s.kv_cache_bytes_per_token == 0
+    mixer_flops = 2 * (2 * d * i + i * conv + i * (rank + 2 * n) + rank * i + i * d) + 9 * i * n + 2 * i
+    assert s.flops_per_token == layers * (mixer_flops + 2 * 3 * d * mlp) + 2 * d * vocab
+    assert model.summary(seq_len=4096).flops_per_token == s.flops_per_token  # linear time: no context term
+    # The decode state: d_conv - 1 conv rows (float32 here) and the float32 ssm state, whatever the capacity.
+    state_bytes = sum(x.nbytes for x in jax.tree.leaves(model.init_caches(1, 7).layers))
+    assert state_bytes == sum(x.nbytes for x in jax.tree.leaves(model.init_caches(1, 700).layers))
+    assert state_bytes == layers * ((conv - 1) * i + i * n) * 4
+
+
+@pytest.mark.parametrize("plan, message", [
+    ("mamba(d_state=0)", "d_state=0 must be an integer >= 1"),
+    ("mamba(d_conv=0)", "d_conv=0 must be an integer >= 1"),
+    ("mamba(expand=0)", "expand=0 must be an integer >= 1"),
+    ("mamba(chunk_size=0)", "chunk_size=0 must be an integer >= 1"),
+    ("mamba(dt_rank=0)", "dt_rank=0 must be an integer >= 1 or 'auto'"),
+    ("mamba(dt_rank=full)", "dt_rank='full' must be an integer or one of 'auto'"),
+    ("mamba(dt_min=0.1,dt_max=0.01)", "dt_min=0.1 and dt_max=0.01 must satisfy 0 < dt_min < dt_max"),
+    ("mamba(dt_min=0.0)", "dt_min=0.0 and dt_max=0.1 must satisfy"),
+    ("mamba(dt_init_floor=-1.0)", "dt_init_floor=-1.0 must be >= 0"),
+    ("mamba(expand=1.5)", "expand=1.5 must be an integer"),
+])
+def test_bad_config_fails_at_config_time(plan, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**{**BASE, "plan": plan})
