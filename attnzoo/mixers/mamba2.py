@@ -1,0 +1,208 @@
+"""Mamba-2: the SSD (state-space duality) mixer.
+
+Dao & Gu, "Transformers are SSMs: Generalized Models and Efficient Algorithms Through Structured State Space Duality",
+arXiv 2405.21060; the layer follows state-spaces/mamba `mamba_ssm/modules/mamba2.py` (`Mamba2`, d_ssm = d_inner,
+rmsnorm, norm_before_gate=False, D_has_hdim=False), whose parameter names are kept: in_proj, conv1d, dt_bias, A_log,
+D, norm, out_proj (Flax `kernel`s are the transposed PyTorch `weight`s; conv1d.weight keeps PyTorch's
+[channels, 1, d_conv] layout; norm.weight as RMSNormGated's).
+
+With I = d_inner = expand * d_model, P = head_dim, H = I / P heads, G = n_groups (head h reads group h // (H / G)),
+N = d_state:
+
+    z, xBC, dt = in_proj(u)                     u [B,T,D] -> z [I], xBC = [x (I), B (G N), C (G N)], dt [H]
+    x, B, C    = SiLU(causal depthwise conv1d(xBC))           d_conv taps per channel of xBC, with bias
+    dt         = softplus(dt + dt_bias)                       [H] per token
+    A          = -exp(A_log)                                  one scalar per head
+    S_t[h]     = exp(dt_t[h] A[h]) S_{t-1}[h] + B_t[g(h)]^T (dt_t[h] x_t[h])        S [N, P] per head
+    y_t[h]     = C_t[g(h)] S_t[h] + D[h] x_t[h]
+    out        = out_proj(RMSNorm_G(y * SiLU(z)) * norm.weight)       RMS over each of the G groups of I / G channels
+
+The recurrence is the shared `pallas_kernels.chunked_linear_attention` op (q = C, k = B, v = dt x, log_decay = dt A,
+state [B, H, N, P] float32), so it runs on the XLA chunked reference or the Pallas Triton kernel as the model's
+`kernels` option says. v is built in the model's compute dtype; the decay and the state stay float32.
+
+Initialisation as the reference: dt_bias = inverse softplus of dt ~ LogUniform[dt_min, dt_max] floored at
+dt_init_floor; A ~ U[A_init_min, A_init_max] per head, A_log = log A; D = 1; norm.weight = 1 (A_log, D, dt_bias in
+float32 always). in_proj / out_proj use the zoo's fan-in normal init (out_proj shrunk by 1/sqrt(2 n_layers)) instead
+of PyTorch's uniform one; conv1d keeps PyTorch's default U(-1/sqrt(d_conv), 1/sqrt(d_conv)).
+
+Decode state (`Mamba2Cache`): the last d_conv - 1 conv inputs (of xBC) and the ssm state [B, H, N, P] float32, a
+constant size (`cache_bytes_per_token() == 0`). Prefill of right-padded prompts passes the prompt lengths to the op
+(positions past a prompt's end leave its state alone) and keeps the conv window of each prompt's last inputs. Packed
+documents (`segment_ids_BT`) are refused: the shared op has no per-document state reset yet.
+
+FLOPs per token (`flops_per_token`, 2 per multiply-add; biases, activations and the norm not counted), with
+Q = min(chunk_size, seq_len) the chunk length of the SSD algorithm (arXiv 2405.21060 section 6):
+
+    2 D (2I + 2GN + H) (in_proj) + 2 (I + 2GN) d_conv (conv) + 2 I D (out_proj)
+    + 2 G Q N (C B^T inside the chunk) + 2 Q I (its product with dt x) + 2 N I (the chunk state B^T (dt x))
+    + 2 N I (the state read out, C S) + 2 I (D skip and z gate)
+
+Extra shape letters here: I inner channels (d_inner), N state size, P head width (head_dim), G groups,
+C conv channels (I + 2 G N), W conv history rows (d_conv - 1), S history and new rows together (W + T).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import pallas_kernels
+from attnzoo.cache import rows_before
+from attnzoo.config import ModelConfig
+from attnzoo.layers import dense
+from attnzoo.mixers.base import ForwardContext, Mixer, MixerOutput, SharedParams, Supports
+from attnzoo.mixers.mamba import DepthwiseConv1d
+from attnzoo.registry import register
+
+
+@dataclasses.dataclass(frozen=True)
+class Mamba2Options:
+    """d_state: N, the state size per head (64; the reference's default is 128). d_conv: taps of the causal depthwise
+    conv over xBC (4). expand: d_inner = expand * d_model (2). head_dim: P, channels per head (64; must divide
+    d_inner). n_groups: G, the number of B/C groups shared by H / G heads each (1; must divide the heads).
+    chunk_size: tokens per chunk of the SSD algorithm (64; an implementation knob: the Triton kernel needs a power of
+    2 >= 16). dt_min, dt_max: the log-uniform range of the initial dt; dt_init_floor: its lower clamp.
+    A_init_min, A_init_max: A ~ U[A_init_min, A_init_max] per head at init (the reference's A_init_range (1, 16)).
+    conv_bias: a bias in conv1d (true). bias: biases in in_proj and out_proj (false)."""
+
+    d_state: int = 64
+    d_conv: int = 4
+    expand: int = 2
+    head_dim: int = 64
+    n_groups: int = 1
+    chunk_size: int = 64
+    dt_min: float = 1e-3
+    dt_max: float = 1e-1
+    dt_init_floor: float = 1e-4
+    A_init_min: float = 1.0
+    A_init_max: float = 16.0
+    conv_bias: bool = True
+    bias: bool = False
+
+    def __post_init__(self):
+        for name in ("d_state", "d_conv", "expand", "head_dim", "n_groups", "chunk_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value} must be an integer >= 1")
+        if not 0 < self.dt_min < self.dt_max:
+            raise ValueError(f"dt_min={self.dt_min} and dt_max={self.dt_max} must satisfy 0 < dt_min < dt_max")
+        if self.dt_init_floor < 0:
+            raise ValueError(f"dt_init_floor={self.dt_init_floor} must be >= 0")
+        if not 0 < self.A_init_min <= self.A_init_max:
+            raise ValueError(f"A_init_min={self.A_init_min} and A_init_max={self.A_init_max} must satisfy "
+                             f"0 < A_init_min <= A_init_max")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Mamba2Cache:
+    """The conv inputs (x, B, C) of the last d_conv - 1 tokens (oldest first) and the ssm state (float32)."""
+
+    conv_BWC: jax.Array
+    ssm_BHNP: jax.Array
+
+
+class GatedRMSNorm(nnx.Module):
+    """The reference's RMSNormGated with norm_before_gate=False: RMSNorm(y * SiLU(z)) over each group of
+    `group_size` channels, times `weight` [I], in float32; eps 1e-5 as Mamba2's."""
+
+    def __init__(self, dim: int, group_size: int, *, eps: float = 1e-5, param_dtype=jnp.float32):
+        self.group_size, self.eps = group_size, eps
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+
+    def __call__(self, y_BTI, z_BTI):
+        gated_BTI = y_BTI.astype(jnp.float32) * jax.nn.silu(z_BTI.astype(jnp.float32))
+        grouped = gated_BTI.reshape(*gated_BTI.shape[:-1], -1, self.group_size)
+        grouped = grouped * jax.lax.rsqrt(jnp.mean(grouped * grouped, axis=-1, keepdims=True) + self.eps)
+        return (grouped.reshape(gated_BTI.shape) * self.weight[...].astype(jnp.float32)).astype(z_BTI.dtype)
+
+
+@register("mamba2", options=Mamba2Options)
+class Mamba2(Mixer):
+    supports = Supports(decode=True, multi_token_decode=True, kernel_ops=("chunked_linear_attention",))
+
+    @classmethod
+    def check(cls, options: Mamba2Options, config: ModelConfig) -> None:
+        d_inner = options.expand * config.d_model
+        if d_inner % options.head_dim:
+            raise ValueError(f"head_dim={options.head_dim} must divide d_inner = expand * d_model = {d_inner}")
+        n_heads = d_inner // options.head_dim
+        if n_heads % options.n_groups:
+            raise ValueError(f"n_groups={options.n_groups} must divide the number of heads d_inner / head_dim = "
+                             f"{n_heads}")
+
+    def __init__(self, config: ModelConfig, options: Mamba2Options, *, shared: SharedParams | None = None,
+                 rngs: nnx.Rngs):
+        d = config.d_model
+        self.d_model, self.d_inner, self.d_state = d, options.expand * d, options.d_state
+        self.head_dim, self.n_groups = options.head_dim, options.n_groups
+        self.n_heads = self.d_inner // self.head_dim
+        self.d_conv, self.chunk_size = options.d_conv, options.chunk_size
+        self.implementation = config.kernel("chunked_linear_attention")
+        self.dtype = jnp.dtype(config.dtype)
+        i, g, n, h = self.d_inner, self.n_groups, self.d_state, self.n_heads
+        self.conv_channels = i + 2 * g * n
+        param_dtype = jnp.dtype(config.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=param_dtype, rngs=rngs)
+        self.in_proj = dense(d, i + self.conv_channels + h, use_bias=options.bias, **kw)
+        self.conv1d = DepthwiseConv1d(self.conv_channels, options.d_conv, use_bias=options.conv_bias,
+                                      param_dtype=param_dtype, rngs=rngs)
+        # dt_bias = softplus^-1(dt), dt ~ LogUniform[dt_min, dt_max] >= floor; A ~ U[A_init_min, A_init_max].
+        log_dt_H = jax.random.uniform(rngs.params(), (h,), jnp.float32, math.log(options.dt_min),
+                                      math.log(options.dt_max))
+        dt_H = jnp.maximum(jnp.exp(log_dt_H), options.dt_init_floor)
+        self.dt_bias = nnx.Param(dt_H + jnp.log(-jnp.expm1(-dt_H)))
+        A_H = jax.random.uniform(rngs.params(), (h,), jnp.float32, options.A_init_min, options.A_init_max)
+        self.A_log = nnx.Param(jnp.log(A_H))
+        self.D = nnx.Param(jnp.ones((h,), jnp.float32))
+        self.norm = GatedRMSNorm(i, i // g, param_dtype=param_dtype)
+        self.out_proj = dense(i, d, use_bias=options.bias, scale=1 / (2 * config.n_layers) ** 0.5, **kw)
+
+    def __call__(self, x_BTD, ctx: ForwardContext, cache: Mamba2Cache | None = None) -> MixerOutput:
+        if ctx.segment_ids_BT is not None:
+            raise ValueError("mamba2 does not support packed documents (segment_ids): chunked_linear_attention has "
+                             "no per-document state reset")
+        b, t, _ = x_BTD.shape
+        i, g, n, h, p, w = self.d_inner, self.n_groups, self.d_state, self.n_heads, self.head_dim, self.d_conv - 1
+        decode = ctx.mode == "decode"
+        z_BTI, xBC_BTC, dt_BTH = jnp.split(self.in_proj(x_BTD), [i, i + self.conv_channels], axis=-1)
+
+        history_BWC = cache.conv_BWC.astype(xBC_BTC.dtype) if decode else jnp.zeros((b, w, self.conv_channels),
+                                                                                       xBC_BTC.dtype)
+        rows_BSC = jnp.concatenate([history_BWC, xBC_BTC], axis=1)
+        x_BTI, B_BTN, C_BTN = jnp.split(jax.nn.silu(self.conv1d(rows_BSC, t)), [i, i + g * n], axis=-1)
+        x_BTHP = x_BTI.reshape(b, t, h, p)
+
+        dt_BTH = jax.nn.softplus(dt_BTH.astype(jnp.float32) + self.dt_bias[...])
+        log_decay_BTH = dt_BTH * -jnp.exp(self.A_log[...])  # <= 0
+        v_BTHP = (dt_BTH[..., None] * x_BTHP.astype(jnp.float32)).astype(x_BTHP.dtype)
+        y_BTHP, ssm_BHNP = pallas_kernels.chunked_linear_attention(
+            C_BTN.reshape(b, t, g, n), B_BTN.reshape(b, t, g, n), v_BTHP, log_decay_BTH,
+            initial_state_BHEF=cache.ssm_BHNP if decode else None,
+            lengths_B=ctx.lengths_B if ctx.mode == "prefill" else None,
+            chunk_size=self.chunk_size, return_final_state=True, implementation=self.implementation)
+        y_BTHP = y_BTHP.astype(jnp.float32) + self.D[...][:, None] * x_BTHP.astype(jnp.float32)
+        y_BTI = self.norm(y_BTHP.reshape(b, t, i), z_BTI)
+
+        if ctx.mode != "full":
+            end_B = jnp.full((b,), t, jnp.int32) if decode else ctx.lengths_B
+            cache = Mamba2Cache(rows_before(rows_BSC, end_B, w).astype(cache.conv_BWC.dtype), ssm_BHNP)
+        return MixerOutput(self.out_proj(y_BTI), cache)
+
+    def init_cache(self, batch: int, max_len: int) -> Mamba2Cache:
+        return Mamba2Cache(jnp.zeros((batch, self.d_conv - 1, self.conv_channels), self.dtype),
+                           jnp.zeros((batch, self.n_heads, self.d_state, self.head_dim), jnp.float32))
+
+    def flops_per_token(self, seq_len: int) -> int:
+        d, i, g, n, h = self.d_model, self.d_inner, self.n_groups, self.d_state, self.n_heads
+        q = min(self.chunk_size, seq_len)
+        project = 2 * d * (i + self.conv_channels + h) + 2 * i * d
+        convolve = 2 * self.conv_channels * self.d_conv
+        # SSD per token: the chunk's C B^T and its product with dt x, the chunk state, the state read-out.
+        ssd = 2 * g * q * n + 2 * q * i + 4 * n * i
+        return project + convolve + ssd + 2 * i
