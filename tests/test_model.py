@@ -13,6 +13,8 @@ import optax
 import pytest
 from flax import nnx
 
+from decoding import greedy_by_rescoring
+
 from attnzoo import ForwardContext, LanguageModel, LayerSpec, ModelConfig, generate, get_preset, parse_plan, registered
 
 
@@ -250,21 +252,11 @@ def test_skip_layers_equals_a_model_without_them():
 
 # -- generation ------------------------------------------------------------------------------------------------
 
-def _greedy_by_full_forward(model, prompt, n):
-    """Greedy continuation by re-scoring the whole sequence each step (padding after it is invisible: causal)."""
-    forward = nnx.jit(lambda model, tokens: model(tokens).logits_BTV)
-    seq = list(prompt)
-    for _ in range(n):
-        padded = jnp.zeros((1, len(prompt) + n), jnp.int32).at[0, : len(seq)].set(jnp.asarray(seq))
-        seq.append(int(jnp.argmax(forward(model, padded)[0, len(seq) - 1])))
-    return seq[len(prompt):]
-
-
 def test_generate_greedy_batched_matches_full_forward():
     model = LanguageModel(small_config(plan="gqa,mqa,gqa(window=3)"), rngs=nnx.Rngs(3))
     prompts = [[1, 2, 3, 4, 5], [7], [9, 8, 7]]
     out = generate(model, prompts, max_new_tokens=6)
-    assert out == [_greedy_by_full_forward(model, p, 6) for p in prompts]
+    assert out == [greedy_by_rescoring(model, p, 6) for p in prompts]
 
 
 def test_generate_sampling_is_seeded_and_respects_top_k():
