@@ -123,7 +123,17 @@ def test_accounting_is_consistent(mixer):
     assert s.flops_per_token > 2 * (n_params - VOCAB * 32)  # at least 2 FLOPs per non-embedding weight
 
 
-@pytest.mark.parametrize("mixer", [m for m in MIXERS if supports(m).kernel_ops])
+def one_per_class_then_slow(mixers):
+    """The first name of each mixer class runs in the default suite; its aliases and option variants (same code
+    through the same kernels) run with `-m slow`, which keeps the interpreted-kernel cost of the suite bounded."""
+    seen = set()
+    for mixer in mixers:
+        cls = get_mixer(mixer.split("(")[0]).cls
+        yield pytest.param(mixer, marks=() if cls not in seen else pytest.mark.slow)
+        seen.add(cls)
+
+
+@pytest.mark.parametrize("mixer", one_per_class_then_slow(m for m in MIXERS if supports(m).kernel_ops))
 def test_pallas_kernels_match_xla_in_the_mixer(mixer):
     """Every kernel op the mixer declares, through the Triton kernels (interpreted on CPU) == through XLA."""
     ops = supports(mixer).kernel_ops
