@@ -14,16 +14,9 @@ import optax
 import pytest
 from flax import nnx
 
-from attnzoo import LanguageModel, ModelConfig, get_mixer
+from attnzoo import LanguageModel, ModelConfig
 from attnzoo.mixers.base import ForwardContext
-
-BASE = dict(vocab_size=53, d_model=32, n_layers=1, n_heads=4, max_seq_len=64)
-
-
-def build_mixer(plan: str, seed: int = 0, d_model: int = 32):
-    cfg = ModelConfig(**{**BASE, "d_model": d_model, "plan": plan})
-    return get_mixer("mamba").cls(cfg, cfg.layer_options[0], shared=None, rngs=nnx.Rngs(seed))
-
+from ssm_reference import BASE, build_mixer, causal_conv1d, linear, mixer_forward, positions
 
 def randomize_dynamics(mixer, seed: int):
     """Move A, dt and D off their initial values so decays far from 1 (and D) are exercised."""
@@ -35,15 +28,6 @@ def randomize_dynamics(mixer, seed: int):
         mixer.conv1d.bias[...] = jnp.asarray(rng.normal(0, 0.3, mixer.conv1d.bias.shape), jnp.float32)
 
 
-def mixer_forward(mixer, x_BTD, ctx: ForwardContext):
-    return nnx.jit(lambda mixer, x_BTD: mixer(x_BTD, ctx).y_BTD)(mixer, x_BTD)  # one compile, not op by op
-
-
-def linear(module, x):
-    y = x @ module.kernel[...]
-    return y if module.bias is None else y + module.bias[...]
-
-
 def reference_forward(mixer, x_BTD):
     """The paper's layer written out token by token, from the module's parameters: PyTorch Conv1d semantics
     (weight [I, 1, K], left zero padding), then a plain lax.scan over t of h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t,
@@ -52,13 +36,7 @@ def reference_forward(mixer, x_BTD):
     i, n, r = mixer.d_inner, mixer.d_state, mixer.dt_rank
     xz = linear(mixer.in_proj, x_BTD)
     x, z = xz[..., :i], xz[..., i:]
-    weight = mixer.conv1d.weight[...]  # [I, 1, K]
-    k = weight.shape[-1]
-    padded = jnp.concatenate([jnp.zeros((b, k - 1, i)), x], axis=1)
-    conv = sum(padded[:, j:j + t] * weight[:, 0, j] for j in range(k))
-    if mixer.conv1d.bias is not None:
-        conv = conv + mixer.conv1d.bias[...]
-    x = jax.nn.silu(conv)
+    x = jax.nn.silu(causal_conv1d(x, mixer.conv1d))
     x_dbl = x @ mixer.x_proj.kernel[...]
     dt = jax.nn.softplus(linear(mixer.dt_proj, x_dbl[..., :r]))
     B, C = x_dbl[..., r:r + n], x_dbl[..., r + n:]
@@ -72,10 +50,6 @@ def reference_forward(mixer, x_BTD):
     _, (y, states) = jax.lax.scan(step, jnp.zeros((b, i, n)), tuple(jnp.moveaxis(a, 1, 0) for a in (x, dt, B, C)))
     y = jnp.moveaxis(y, 0, 1) + mixer.D[...] * x
     return linear(mixer.out_proj, y * jax.nn.silu(z)), jnp.moveaxis(states, 0, 1)
-
-
-def positions(b, t):
-    return jnp.broadcast_to(jnp.arange(t), (b, t))
 
 
 @pytest.mark.parametrize("options, chunks", [

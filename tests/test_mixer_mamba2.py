@@ -14,16 +14,9 @@ import optax
 import pytest
 from flax import nnx
 
-from attnzoo import LanguageModel, ModelConfig, get_mixer
+from attnzoo import LanguageModel, ModelConfig
 from attnzoo.mixers.base import ForwardContext
-
-BASE = dict(vocab_size=53, d_model=32, n_layers=1, n_heads=4, max_seq_len=64)
-
-
-def build_mixer(plan: str, seed: int = 0, d_model: int = 32):
-    cfg = ModelConfig(**{**BASE, "d_model": d_model, "plan": plan})
-    return get_mixer("mamba2").cls(cfg, cfg.layer_options[0], shared=None, rngs=nnx.Rngs(seed))
-
+from ssm_reference import BASE, build_mixer, causal_conv1d, linear, mixer_forward, positions
 
 def randomize_dynamics(mixer, seed: int):
     """Move A, dt, D, the conv bias and the norm weight off their initial values."""
@@ -40,15 +33,6 @@ def randomize_dynamics(mixer, seed: int):
         mixer.conv1d.bias[...] = normal(0, 0.3, mixer.conv1d.bias)
 
 
-def mixer_forward(mixer, x_BTD, ctx: ForwardContext):
-    return nnx.jit(lambda mixer, x_BTD: mixer(x_BTD, ctx).y_BTD)(mixer, x_BTD)
-
-
-def linear(module, x):
-    y = x @ module.kernel[...]
-    return y if module.bias is None else y + module.bias[...]
-
-
 def reference_forward(mixer, x_BTD):
     """The paper's layer written out token by token from the module's parameters: in_proj split [z, xBC, dt],
     PyTorch Conv1d semantics over xBC (weight [C, 1, K], left zero padding) + SiLU, then a plain lax.scan over t of
@@ -60,13 +44,7 @@ def reference_forward(mixer, x_BTD):
     channels = i + 2 * g * n
     zxbcdt = linear(mixer.in_proj, x_BTD)
     z, xbc, dt_raw = zxbcdt[..., :i], zxbcdt[..., i:i + channels], zxbcdt[..., i + channels:]
-    weight = mixer.conv1d.weight[...]
-    k = weight.shape[-1]
-    padded = jnp.concatenate([jnp.zeros((b, k - 1, channels)), xbc], axis=1)
-    conv = sum(padded[:, j:j + t] * weight[:, 0, j] for j in range(k))
-    if mixer.conv1d.bias is not None:
-        conv = conv + mixer.conv1d.bias[...]
-    xbc = jax.nn.silu(conv)
+    xbc = jax.nn.silu(causal_conv1d(xbc, mixer.conv1d))
     x = xbc[..., :i].reshape(b, t, h, p)
     group_of_head = np.arange(h) // (h // g)
     B = xbc[..., i:i + g * n].reshape(b, t, g, n)[:, :, group_of_head]  # [B, T, H, N]
@@ -84,10 +62,6 @@ def reference_forward(mixer, x_BTD):
     gated = (y.reshape(b, t, i) * jax.nn.silu(z)).reshape(b, t, g, i // g)
     normed = gated / jnp.sqrt(jnp.mean(gated**2, axis=-1, keepdims=True) + 1e-5)
     return linear(mixer.out_proj, normed.reshape(b, t, i) * mixer.norm.weight[...]), jnp.moveaxis(states, 0, 1)
-
-
-def positions(b, t):
-    return jnp.broadcast_to(jnp.arange(t), (b, t))
 
 
 @pytest.mark.parametrize("options, chunks", [

@@ -156,14 +156,46 @@ def flash_problems(draw, max_seq=150, dtypes=(jnp.float32, jnp.bfloat16), head_d
         seed=draw(st.integers(0, 2**31 - 1)))
 
 
-class FlashAttentionTestBase:
+class ReferenceComparisonBase:
+    """What every op's test base shares: random problems (a short derandomized run by default, a longer sweep with
+    `-m slow`) and named cases, each compared with the op's reference. Subclasses set `implementation`, the problem
+    strategies and `named_cases`, and define `mismatches(problem) -> list[str]` (empty: it agrees)."""
+    implementation: str
+    examples = 12  # random problems in the default run
+    sweep_examples = 40
+    named_cases: dict = {}
+
+    def mismatches(self, problem) -> list[str]:
+        raise NotImplementedError
+
+    def test_random_problems(self):
+        @settings(max_examples=self.examples, deadline=None, derandomize=True,
+                  suppress_health_check=[HealthCheck.too_slow])
+        @given(self.problems)
+        def agrees_with_reference(problem):
+            assert not (found := self.mismatches(problem)), (problem, found)
+
+        agrees_with_reference()
+
+    @pytest.mark.slow
+    def test_random_problems_sweep(self):
+        @settings(max_examples=self.sweep_examples, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+        @given(self.sweep_problems)
+        def agrees_with_reference(problem):
+            assert not (found := self.mismatches(problem)), (problem, found)
+
+        agrees_with_reference()
+
+    def test_named_case(self, named_case):
+        assert not (found := self.mismatches(named_case)), (named_case, found)
+
+
+class FlashAttentionTestBase(ReferenceComparisonBase):
     """flash_attention(implementation=<name>) against the float32 reference. Subclasses set `implementation` and
     narrow `problems` / `sweep_problems` / `named_cases` to what the backend takes: a case it can't take fails
     (ValueError), it is not skipped."""
-    implementation: str
     requires_gpu = False  # skip off GPU (cuDNN)
     returns_lse = True
-    examples = 12  # random problems in the default run
     problems = flash_problems()
     sweep_problems = flash_problems(max_seq=300)
     named_cases: dict[str, FlashProblem] = {}
@@ -175,21 +207,8 @@ class FlashAttentionTestBase:
         if self.requires_gpu and not on_gpu():
             pytest.skip(f"implementation={self.implementation!r} needs a GPU")
 
-    def check(self, problem: FlashProblem):
-        found = flash_mismatches(problem, self.implementation, with_lse=self.returns_lse)
-        assert not found, (problem, found)
-
-    def test_random_problems(self):
-        settings(max_examples=self.examples, deadline=None, derandomize=True,
-                 suppress_health_check=[HealthCheck.too_slow])(given(self.problems)(self.check))()
-
-    @pytest.mark.slow
-    def test_random_problems_sweep(self):
-        settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])(
-            given(self.sweep_problems)(self.check))()
-
-    def test_named_case(self, named_case: FlashProblem):
-        self.check(named_case)
+    def mismatches(self, problem: FlashProblem) -> list[str]:
+        return flash_mismatches(problem, self.implementation, with_lse=self.returns_lse)
 
     def test_lse_is_logsumexp_and_branches_merge_exactly(self):
         """lse is the log-sum-exp of the scaled logits, and attention over two key ranges merges into the whole."""
@@ -279,35 +298,25 @@ def decode_problems(draw, max_s=300, max_batch=3):
     return problem, options
 
 
-class DecodeAttentionTestBase:
+class DecodeAttentionTestBase(ReferenceComparisonBase):
     """decode_attention(implementation=<name>) against the float32 reference, with NaN in every stale cache entry.
-    Subclasses set `implementation` (and `examples`)."""
-    implementation: str
-    examples = 12
+    A problem is (DecodeProblem, the op's options). Subclasses set `implementation` (and `examples`)."""
+    problems = decode_problems()
+    sweep_problems = decode_problems(max_s=1200, max_batch=4)
+    named_cases = {
+        # length == Tq (the first query sees one key), length == S, and splits wholly past the length
+        **{f"boundary_lengths_and_empty_splits_{name}": (
+            DecodeProblem(3, 96, 3, 8, 2, 64, 64, dtype, lengths=(3, 96, 20), seed=1), dict(num_splits=6, block_k=16))
+           for name, dtype in (("fp32", jnp.float32), ("bf16", jnp.bfloat16))},
+        # one latent KV head, Dqk 576 (= 512 + 64 rope) and Dv 512, 16 heads x 2 tokens
+        "absorbed_mla": (DecodeProblem(2, 64, 2, 16, 1, 576, 512, jnp.bfloat16, lengths=(64, 33), seed=2),
+                         dict(num_splits=2, block_k=16)),
+    }
 
-    def check(self, case):
+    def mismatches(self, case) -> list[str]:
         problem, options = case
-        assert (why := decode_mismatch(problem, self.implementation, **options)) is None, (problem, options, why)
-
-    def test_random_problems(self):
-        settings(max_examples=self.examples, deadline=None, derandomize=True,
-                 suppress_health_check=[HealthCheck.too_slow])(given(decode_problems())(self.check))()
-
-    @pytest.mark.slow
-    def test_random_problems_sweep(self):
-        settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])(
-            given(decode_problems(max_s=1200, max_batch=4))(self.check))()
-
-    @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-    def test_boundary_lengths_and_empty_splits(self, dtype):
-        """length == Tq (the first query sees one key), length == S, and splits wholly past the length."""
-        self.check((DecodeProblem(3, 96, 3, 8, 2, 64, 64, dtype, lengths=(3, 96, 20), seed=1),
-                    dict(num_splits=6, block_k=16)))
-
-    def test_absorbed_mla(self):
-        """One latent KV head, Dqk 576 (= 512 + 64 rope) and Dv 512, 16 heads x 2 tokens."""
-        self.check((DecodeProblem(2, 64, 2, 16, 1, 576, 512, jnp.bfloat16, lengths=(64, 33), seed=2),
-                    dict(num_splits=2, block_k=16)))
+        why = decode_mismatch(problem, self.implementation, **options)
+        return [] if why is None else [why]
 
     def test_window_of_one_returns_own_value(self):
         """With sliding_window=1 each query sees only its own key, so the output is exactly its value row."""
@@ -421,12 +430,12 @@ def linear_problems(draw, max_seq=100, dtypes=(jnp.float32, jnp.bfloat16), chunk
         per_dim_decay=draw(st.sampled_from(per_dim_decays)), seed=draw(st.integers(0, 2**31 - 1)))
 
 
-class ChunkedLinearAttentionTestBase:
+class ChunkedLinearAttentionTestBase(ReferenceComparisonBase):
     """chunked_linear_attention(implementation=<name>) against the token-by-token float32 recurrence: outputs, final
     state and every gradient. Subclasses set `implementation` and narrow `problems` to what the backend takes."""
-    implementation: str
     examples = 6
-    problems = linear_problems()
+    sweep_examples = 30
+    problems = sweep_problems = linear_problems()
     named_cases: dict[str, LinearProblem] = {
         "ragged_seq_groups": LinearProblem(seq=83, heads=8, groups=2, chunk_size=32, seed=1),
         "one_token": LinearProblem(batch=1, seq=1, initial_state=True, seed=2),
@@ -437,21 +446,8 @@ class ChunkedLinearAttentionTestBase:
         "bf16_mqa": LinearProblem(seq=96, heads=4, groups=1, e=64, f=64, dtype=jnp.bfloat16, chunk_size=32, seed=5),
     }
 
-    def check(self, problem: LinearProblem):
-        found = linear_mismatches(problem, self.implementation)
-        assert not found, (problem, found)
-
-    def test_random_problems(self):
-        settings(max_examples=self.examples, deadline=None, derandomize=True,
-                 suppress_health_check=[HealthCheck.too_slow])(given(self.problems)(self.check))()
-
-    @pytest.mark.slow
-    def test_random_problems_sweep(self):
-        settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])(
-            given(self.problems)(self.check))()
-
-    def test_named_case(self, named_case: LinearProblem):
-        self.check(named_case)
+    def mismatches(self, problem: LinearProblem) -> list[str]:
+        return linear_mismatches(problem, self.implementation)
 
     def test_continuation_equals_one_call(self):
         """T tokens in one call == T1 tokens, then T2 more from the carried state (T1 off the chunk grid)."""
