@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
-from decoding import greedy_by_rescoring
+from model_checks import greedy_by_rescoring, train_losses
 
 from attnzoo import LanguageModel, ModelConfig, generate, parse_plan
 
@@ -38,19 +37,7 @@ def test_hybrid_plan_trains_and_generates_through_mixed_caches(name):
     if name == "zamba":
         assert model.blocks[1] is model.blocks[3]  # one attention block, two depths
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 48, (4, 17)), jnp.int32)
-    optimizer = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
-
-    @nnx.jit
-    def step(model, optimizer):
-        def loss_fn(model):
-            out = model(tokens[:, :-1])
-            return optax.softmax_cross_entropy_with_integer_labels(out.logits_BTV, tokens[:, 1:]).mean()
-
-        loss, grads = nnx.value_and_grad(loss_fn)(model)
-        optimizer.update(model, grads)
-        return loss
-
-    losses = [float(step(model, optimizer)) for _ in range(6)]
+    losses = train_losses(model, tokens, 6)
     assert np.isfinite(losses).all() and losses[-1] < losses[0]
     prompts = [[1, 2, 3, 4, 5], [6], [7, 8]]
     new = generate(model, prompts, max_new_tokens=4)

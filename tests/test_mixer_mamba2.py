@@ -10,12 +10,12 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
 from attnzoo import LanguageModel, ModelConfig
 from attnzoo.mixers.base import ForwardContext
+from model_checks import train_losses
 from ssm_reference import BASE, build_mixer, causal_conv1d, linear, mixer_forward, positions
 
 def randomize_dynamics(mixer, seed: int):
@@ -140,19 +140,7 @@ def test_mlp_free_stack_trains():
     model = LanguageModel(cfg, rngs=nnx.Rngs(0))
     assert all(block.mlp is None for block in model.blocks)
     tokens = jnp.asarray(np.random.default_rng(8).integers(0, 64, (4, 17)), jnp.int32)
-    optimizer = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
-
-    @nnx.jit
-    def step(model, optimizer):
-        def loss_fn(model):
-            logits = model(tokens[:, :-1]).logits_BTV
-            return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
-
-        loss, grads = nnx.value_and_grad(loss_fn)(model)
-        optimizer.update(model, grads)
-        return loss
-
-    losses = [float(step(model, optimizer)) for _ in range(8)]
+    losses = train_losses(model, tokens, 8)
     assert np.isfinite(losses).all() and losses[-1] < losses[0] - 0.1
 
 

@@ -9,11 +9,10 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
-from decoding import greedy_by_rescoring
+from model_checks import greedy_by_rescoring, train_losses
 
 from attnzoo import ForwardContext, LanguageModel, LayerSpec, ModelConfig, generate, get_preset, parse_plan, registered
 
@@ -189,23 +188,6 @@ def test_mixers_see_the_input_embeddings_and_a_side_stream():
 
 # -- sharing and auxiliary losses ------------------------------------------------------------------------------
 
-def _train(model, tokens, steps=5):
-    opt = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
-
-    def loss_fn(model):
-        out = model(tokens[:, :-1])
-        ce = optax.softmax_cross_entropy_with_integer_labels(out.logits_BTV, tokens[:, 1:]).mean()
-        return ce + out.aux_loss, (ce, out.aux_loss)
-
-    @nnx.jit
-    def step(model, opt):
-        (loss, _), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-        opt.update(model, grads)
-        return loss
-
-    return [float(step(model, opt)) for _ in range(steps)]
-
-
 def test_shared_block_has_its_parameters_once_and_trains():
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 50, (4, 17)), jnp.int32)
     shared = LanguageModel(small_config(plan="gqa@a,mqa,gqa@a"), rngs=nnx.Rngs(0))
@@ -217,7 +199,7 @@ def test_shared_block_has_its_parameters_once_and_trains():
     assert n_unshared - n_shared == block
     assert shared.summary().total_params == n_shared
     before = np.asarray(shared.blocks[0].mixer.q_proj.kernel[...])
-    losses = _train(shared, tokens)
+    losses = train_losses(shared, tokens, 5)
     assert losses[-1] < losses[0]
     assert not np.allclose(before, shared.blocks[2].mixer.q_proj.kernel[...])  # one object, updated once
 
@@ -238,7 +220,7 @@ def test_shared_dictionary_and_aux_loss_reach_the_training_loss():
     grads = nnx.grad(lambda m: m(tokens).aux_loss)(model)
     c = model.blocks[0].mixer.coeffs[...]
     np.testing.assert_allclose(grads.blocks[0].mixer.coeffs[...], c / c.size, rtol=1e-5)
-    losses = _train(model, tokens)
+    losses = train_losses(model, tokens, 5)
     assert losses[-1] < losses[0]
 
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
-from decoding import greedy_by_rescoring
+from model_checks import greedy_by_rescoring, train_losses
 
 from attnzoo import LanguageModel, ModelConfig, generate
 
@@ -24,20 +23,7 @@ def test_every_variant_in_one_plan_trains():
     model = zoo_model()
     assert [block.mixer.__class__.__name__ for block in model.blocks][:2] == ["MultiHeadLatentAttention"] * 2
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (4, 17)), jnp.int32)
-    optimizer = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
-
-    @nnx.jit
-    def step(model, optimizer):
-        def loss_fn(model):
-            out = model(tokens[:, :-1])
-            ce = optax.softmax_cross_entropy_with_integer_labels(out.logits_BTV, tokens[:, 1:]).mean()
-            return ce + out.aux_loss
-
-        loss, grads = nnx.value_and_grad(loss_fn)(model)
-        optimizer.update(model, grads)
-        return loss
-
-    losses = [float(step(model, optimizer)) for _ in range(8)]
+    losses = train_losses(model, tokens, 8)
     assert np.isfinite(losses).all() and losses[-1] < losses[0] - 0.1
     summary = model.summary(seq_len=16)
     assert summary.kv_cache_bytes_per_token > 0 and dict(summary.rows)["shared"] > 0  # MASA's atoms, once
