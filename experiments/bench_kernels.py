@@ -10,6 +10,12 @@ Flash attention (bf16, layout [B, S, H, D]), forward and forward+backward (jax.v
                                                                         xla gets V zero-padded to Dqk there)
   jax_pallas_mha      jax.experimental.pallas.ops.gpu.attention.mha      (K/V heads repeated for GQA)
   tokamax_mosaic, tokamax_triton   tokamax.dot_product_attention, when tokamax imports
+Block-sparse attention (bf16, causal, GQA 16q/4kv, D128, blocks 64; lists: the diagonal block plus k - 1 random
+earlier blocks per query block) at 16k / 32k / 64k tokens and 90% / 97% block sparsity (1 - k / causal blocks per
+query block), forward and forward+backward: attnzoo_block_sparse_triton (block_sparse_attention(implementation=
+"triton")) against dense causal attention at the same length through attnzoo_triton_dense (flash_attention triton)
+and cudnn_dense; reported as speedups beside the ideal N / (2 k B). The sparse kernel is checked (output and
+gradients, f32 block-sparse XLA reference) on its batch 0, first kv head and last <= 1024 queries.
 Decode (bf16, one KV cache per sequence, full lengths): attnzoo's split-K kernel (implementation="triton": default
 and two variants), its XLA reference (implementation="xla"), and for Tq == 1 jax.nn (xla, cudnn with
 key_value_seq_lengths) and JAX's Pallas `decode_attention.gqa`.
@@ -100,6 +106,37 @@ DECODE_CASES = [
     DecodeCase("decode_b8_s16k_tq4_gqa32x8_d128", 8, 16384, 4, 32, 8, 128, 128),
     DecodeCase("decode_b8_s16k_mla_absorbed_h128_576x512", 8, 16384, 1, 128, 1, 576, 512),
 ]
+@dataclasses.dataclass(frozen=True)
+class BlockSparseCase:
+    name: str
+    b: int
+    s: int
+    hq: int
+    hkv: int
+    d: int
+    block: int
+    k: int  # selected kv blocks per query block (the diagonal included)
+
+    @property
+    def sparsity(self) -> float:
+        """1 - k / average causal blocks per query block: the work skipped relative to dense causal attention."""
+        return 1 - self.k / ((self.s // self.block + 1) / 2)
+
+    @property
+    def ideal_speedup(self) -> float:
+        return self.s / (2 * self.k * self.block)
+
+
+def _sparse_cases(s: int, sparsities=(0.90, 0.97), **shape) -> list[BlockSparseCase]:
+    shape = dict(dict(b=1, hq=16, hkv=4, d=128, block=64), **shape)
+    causal_blocks = (s // shape["block"] + 1) / 2
+    length = f"{s // 1024}k" if s >= 1024 else str(s)
+    return [BlockSparseCase(f"bsa_s{length}_gqa{shape['hq']}x{shape['hkv']}_d{shape['d']}_sparsity{round(100 * p)}",
+                            s=s, k=max(1, round((1 - p) * causal_blocks)), **shape) for p in sparsities]
+
+
+BLOCK_SPARSE_CASES = [case for s in (16384, 32768, 65536) for case in _sparse_cases(s)]
+SMOKE_BLOCK_SPARSE = _sparse_cases(256, sparsities=(0.6,), hq=2, hkv=1, d=64, block=32)
 SMOKE_FLASH = [
     FlashCase("smoke_b1_s256_h2_d64_causal", 1, 256, 2, 2, 64, 64, True),
     FlashCase("smoke_b1_s256_gqa4x2_d64_full", 1, 256, 4, 2, 64, 64, False),
@@ -212,6 +249,26 @@ def decode_implementations(smoke: bool) -> dict[str, Callable[[DecodeCase], Call
             "attnzoo_triton_bk64": attnzoo("triton", block_k=64),
             "attnzoo_triton_splits_x2": attnzoo("triton", splits_factor=2), "jax_nn_xla": jax_nn("xla"),
             "attnzoo_xla": attnzoo("xla")}
+
+
+def block_sparse_implementations(smoke: bool) -> dict[str, Callable]:
+    """name -> make(case, lists, counts) -> fn(q, k, v), in priority order (sparse kernel, then the dense
+    baselines at the same length, which ignore the lists)."""
+    def sparse(case, lists, counts):
+        from pallas_kernels import block_sparse_attention
+        return lambda q, k, v: block_sparse_attention(q, k, v, lists, counts, block_q=case.block, block_k=case.block,
+                                                      implementation="triton")
+
+    def dense(implementation):
+        def make(case, lists, counts):
+            if implementation == "cudnn" and smoke:
+                raise NotApplicable("cuDNN needs a GPU")
+            from pallas_kernels import flash_attention
+            return lambda q, k, v: flash_attention(q, k, v, causal=True, implementation=implementation)
+        return make
+
+    return {"attnzoo_block_sparse_triton": sparse, "cudnn_dense": dense("cudnn"),
+            "attnzoo_triton_dense": dense("triton")}
 
 
 def decode_config(case: DecodeCase, **overrides):
@@ -386,6 +443,74 @@ def flash(bench: Bench, cases: list[FlashCase], reserve_s: float) -> None:
             del fwd, fwd_bwd
 
 
+def block_sparse(bench: Bench, cases: list[BlockSparseCase], reserve_s: float) -> None:
+    """The block-sparse kernel per case; the dense baselines once per sequence length (its first case)."""
+    from experiments.bench_block_sparse import causal_random_lists
+    from pallas_kernels import block_sparse_attention
+    impls = block_sparse_implementations(bench.args.smoke)
+    cases = [case for case in cases if any(bench.wanted(case.name, name) for name in impls)]
+    dense_done = set()
+    for i, case in enumerate(cases):
+        case_deadline = bench.share(len(cases) - i, reserve_s)
+        ks = jax.random.split(jax.random.key(case.s + case.k), 4)
+        q = jax.random.normal(ks[0], (case.b, case.s, case.hq, case.d), jnp.bfloat16)
+        k = jax.random.normal(ks[1], (case.b, case.s, case.hkv, case.d), jnp.bfloat16)
+        v = jax.random.normal(ks[2], (case.b, case.s, case.hkv, case.d), jnp.bfloat16)
+        do = jax.random.normal(ks[3], (case.b, case.s, case.hq, case.d), jnp.bfloat16)
+        lists, counts = causal_random_lists(case.s // case.block, case.k, seed=case.s + case.k, kv_heads=case.hkv)
+        # Check on batch 0, kv head 0 (its q heads) and the last <= 1024 queries, against the f32 XLA path.
+        group, tail = case.hq // case.hkv, min(case.s, 1024)
+        sub = dict(block_q=case.block, block_k=case.block, q_positions_BT=jnp.arange(case.s - tail, case.s)[None],
+                   kv_positions_BS=jnp.arange(case.s)[None])
+        sub_lists, sub_counts = lists[:, :1, -tail // case.block:], counts[:, :1, -tail // case.block:]
+        sub_args = (q[:1, -tail:, :group], k[:1, :, :1], v[:1, :, :1], do[:1, -tail:, :group])
+
+        def sub_loss(implementation, q_, k_, v_, do_):
+            out = block_sparse_attention(q_, k_, v_, sub_lists, sub_counts, implementation=implementation, **sub)
+            return jnp.sum(out.astype(jnp.float32) * do_.astype(jnp.float32)), out
+
+        f32 = [x.astype(jnp.float32) for x in sub_args]
+        (_, ref_out), ref_grads = jax.jit(jax.value_and_grad(lambda *a: sub_loss("xla", *a), argnums=(0, 1, 2),
+                                                             has_aux=True))(*f32)
+        first = True
+        for name, make in impls.items():
+            is_dense = name.endswith("_dense")
+            if not bench.wanted(case.name, name) or (is_dense and case.s in dense_done):
+                continue
+            row = dict(part="block_sparse", impl=name, **case_fields(case), sparsity=case.sparsity,
+                       ideal_speedup=case.ideal_speedup)
+            fn = bench.prepare(row, lambda c: make(c, lists, counts), case, case_deadline, first)
+            if fn is None:
+                continue
+            first = False
+            fwd = jax.jit(fn)
+            fwd_bwd = jax.jit(jax.value_and_grad(
+                lambda q_, k_, v_, do_, fn=fn: jnp.sum(fn(q_, k_, v_).astype(jnp.float32) * do_.astype(jnp.float32)),
+                argnums=(0, 1, 2)))
+            try:
+                if not is_dense:
+                    row["fwd_err"] = rel_err(fwd(q, k, v)[:1, -tail:, :group], ref_out)
+                    (_, _), grads = jax.jit(jax.value_and_grad(
+                        lambda *a: sub_loss("triton", *a), argnums=(0, 1, 2), has_aux=True))(*sub_args)
+                    row["grad_err"] = max(rel_err(g, r) for g, r in zip(grads, ref_grads))
+                    if row["fwd_err"] > FWD_TOL or row["grad_err"] > GRAD_TOL:
+                        row["status"] = "wrong"
+                if row["status"] == "ok":
+                    t, row["fwd_spread"] = bench.time(fwd, q, k, v)
+                    row["fwd_ms"] = t * 1e3
+                    if bench.left() > reserve_s:
+                        t, row["fwdbwd_spread"] = bench.time(fwd_bwd, q, k, v, do)
+                        row["fwdbwd_ms"] = t * 1e3
+                    else:
+                        row["fwdbwd_error"] = "skipped: time budget"
+            except Exception as e:
+                row.update(status="error", note=f"{type(e).__name__}: {e}"[:300])
+            if is_dense and row["status"] == "ok":
+                dense_done.add(case.s)
+            bench.record(row)
+            del fwd, fwd_bwd
+
+
 def decode(bench: Bench, cases: list[DecodeCase]) -> None:
     from pallas_kernels.decode_attention import decode_attention_reference
     impls = decode_implementations(bench.args.smoke)
@@ -455,6 +580,29 @@ def report(rows: list[dict]) -> str:
         lines.append(f"| {r['case']} | {r['impl']} | {tflops} "
                      f"| {ratio('cudnn')} | {ratio('jax_pallas_mha')} | {_fmt(r.get('fwd_err'), '.1e')} "
                      f"| {_fmt(r.get('grad_err'), '.1e')} | {note.strip()} |")
+    lines += ["", "## Block-sparse attention, bf16 causal: ms and speedup over dense causal attention at the same "
+              "length (cuDNN / our dense Triton) beside the ideal N/(2kB)",
+              "| case | k | sparsity | ideal | fwd ms | fwd x cuDNN / x triton | fwd+bwd ms "
+              "| fwd+bwd x cuDNN / x triton | err fwd / grad | note |", "|---|---|---|---|---|---|---|---|---|---|"]
+    sparse_rows = [r for r in rows if r["part"] == "block_sparse"]
+    for r in sparse_rows:
+        if r["impl"] != "attnzoo_block_sparse_triton":
+            continue
+        dense = {p["impl"]: p for p in sparse_rows if p["s"] == r["s"] and p["impl"].endswith("_dense")}
+
+        def speedups(key):
+            return " / ".join(_fmt(dense.get(d, {}).get(key) / r[key] if r.get(key) and dense.get(d, {}).get(key)
+                                   else None, ".2f") for d in ("cudnn_dense", "attnzoo_triton_dense"))
+
+        note = _status(r) + " " + (r.get("note") or r.get("fwdbwd_error") or "")[:70]
+        lines.append(f"| {r['case']} | {r['k']} | {100 * r['sparsity']:.1f}% | {r['ideal_speedup']:.1f}x "
+                     f"| {_fmt(r.get('fwd_ms'), '.2f')} | {speedups('fwd_ms')} | {_fmt(r.get('fwdbwd_ms'), '.2f')} "
+                     f"| {speedups('fwdbwd_ms')} | {_fmt(r.get('fwd_err'), '.1e')} / {_fmt(r.get('grad_err'), '.1e')} "
+                     f"| {note.strip()} |")
+    for r in sparse_rows:
+        if r["impl"].endswith("_dense"):
+            lines.append(f"dense {r['impl']} at S={r['s']}: fwd {_fmt(r.get('fwd_ms'), '.2f')} ms, fwd+bwd "
+                         f"{_fmt(r.get('fwdbwd_ms'), '.2f')} ms {_status(r)} {(r.get('note') or '')[:70]}".rstrip())
     lines += ["", f"## Decode, bf16: achieved HBM GB/s on the KV bytes read (% of {COPY_CEILING_TBPS} TB/s copy)",
               "| case | impl | us | GB/s | % ceiling | x jax gqa | err | note |", "|---|---|---|---|---|---|---|---|"]
     decode_rows = [r for r in rows if r["part"] == "decode"]
@@ -479,13 +627,18 @@ def main(argv=None) -> None:
     parser.add_argument("--only", default=None, help="comma-separated substrings of 'case/impl' to run")
     parser.add_argument("--budget-s", type=float, default=340.0, help="wall-clock budget for the whole run")
     parser.add_argument("--decode-reserve-s", type=float, default=90.0, help="budget kept back for decode")
+    parser.add_argument("--block-sparse-s", type=float, default=110.0,
+                        help="budget kept back from flash for the block-sparse part")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--rep-s", type=float, default=0.03, help="target seconds per timed repetition")
     args = parser.parse_args(argv)
     bench = Bench(args)
     print(json.dumps(bench.env()), flush=True)
     for part in (lambda: ceiling(bench),
-                 lambda: flash(bench, SMOKE_FLASH if args.smoke else FLASH_CASES, args.decode_reserve_s),
+                 lambda: flash(bench, SMOKE_FLASH if args.smoke else FLASH_CASES,
+                               args.decode_reserve_s + args.block_sparse_s),
+                 lambda: block_sparse(bench, SMOKE_BLOCK_SPARSE if args.smoke else BLOCK_SPARSE_CASES,
+                                      args.decode_reserve_s),
                  lambda: decode(bench, SMOKE_DECODE if args.smoke else DECODE_CASES)):
         try:
             part()

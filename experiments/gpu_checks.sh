@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check of attnzoo in one call on a lent H200 (see BENCHMARKS.md), about 8 minutes:
 #   1. the gpt2-small training step (GQA plan) beside the anchors' plain-JAX GPT-2 step: tokens/s and MFU;
-#   2. the kernel benchmark: flash attention and decode against cuDNN, XLA, JAX's Pallas ops and tokamax.
+#   2. the kernel benchmark: flash attention and decode against cuDNN, XLA, JAX's Pallas ops and tokamax, and the
+#      block-sparse kernel against dense cuDNN / Triton at 16k-64k (110 s of the kernel budget, --block-sparse-s).
 # Results land in $OUT (bench_train.json, bench_kernels.json, logs). `SMOKE=1` runs both on a CPU in tiny shapes.
 set -uo pipefail
 cd "$(dirname "$0")/.."

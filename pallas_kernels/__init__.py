@@ -4,6 +4,8 @@
     flash_attention(q, k, v, *, causal, ..., implementation)        cudnn, mosaic_gpu, triton, xla
     decode_attention(q, k_cache, v_cache, lengths, implementation)   triton, xla
     chunked_linear_attention(q, k, v, log_decay, implementation)     triton, xla
+    block_sparse_attention(q, k, v, kv_block_indices, kv_block_counts, *, block_q, block_k, implementation)
+                                                                     triton, xla
 
 Importing the package (or `pallas_kernels.ops`) imports no kernel module and not jax.experimental.pallas: the
 backends load on first use. The op functions are bound at import, from their light api modules, because their
@@ -13,6 +15,7 @@ rest loads lazily (PEP 562).
 
 import importlib
 
+from pallas_kernels.block_sparse_attention.api import block_sparse_attention
 from pallas_kernels.chunked_linear_attention.api import chunked_linear_attention
 from pallas_kernels.decode_attention.api import decode_attention
 from pallas_kernels.flash_attention.api import flash_attention
@@ -24,9 +27,12 @@ _LAZY = {
     "flash_attention_reference": "pallas_kernels.flash_attention.reference",
     "decode_attention_reference": "pallas_kernels.decode_attention.reference",
     "chunked_linear_attention_reference": "pallas_kernels.chunked_linear_attention.reference",
+    "block_sparse_attention_reference": "pallas_kernels.block_sparse_attention.reference",
+    "check_block_indices": "pallas_kernels.block_sparse_attention.api",
+    "transpose_block_indices": "pallas_kernels.block_sparse_attention.api",
 }
 
-__all__ = ["chunked_linear_attention", "decode_attention", "flash_attention", *_LAZY]
+__all__ = ["block_sparse_attention", "chunked_linear_attention", "decode_attention", "flash_attention", *_LAZY]
 
 
 def __getattr__(name: str):

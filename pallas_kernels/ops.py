@@ -6,7 +6,8 @@ Each op lists its implementations in "auto" order. An implementation is a backen
     unsupported_reason(call) -> str | None    why it cannot take this call (None: it can)
     run(call)                                  the op on it
 
-where `call` is the op's validated call record (`FlashCall`, `DecodeCall`, `LinearCall` in the op's api.py).
+where `call` is the op's validated call record (`FlashCall`, `DecodeCall`, `LinearCall`, `BlockSparseCall` in the
+op's api.py).
 
 `implementation=` of an op accepts "auto", one name, or a sequence of names tried in order:
 
@@ -45,6 +46,7 @@ class Implementation:
 _FLASH = "pallas_kernels.flash_attention."
 _DECODE = "pallas_kernels.decode_attention."
 _LINEAR = "pallas_kernels.chunked_linear_attention."
+_SPARSE = "pallas_kernels.block_sparse_attention."
 TABLES: dict[str, tuple[Implementation, ...]] = {
     "flash_attention": (
         Implementation("cudnn", _FLASH + "cudnn", gpu_only=True),
@@ -59,6 +61,10 @@ TABLES: dict[str, tuple[Implementation, ...]] = {
     "chunked_linear_attention": (
         Implementation("triton", _LINEAR + "pallas_triton", gpu_only=True, pallas=True),
         Implementation("xla", _LINEAR + "reference"),
+    ),
+    "block_sparse_attention": (
+        Implementation("triton", _SPARSE + "pallas_triton", gpu_only=True, pallas=True),
+        Implementation("xla", _SPARSE + "reference"),
     ),
 }
 

@@ -35,7 +35,9 @@ def test_tables_list_implementations_in_auto_order():
     assert ops.implementations("flash_attention") == ("cudnn", "mosaic_gpu", "triton", "xla")
     assert ops.implementations("decode_attention") == ("triton", "xla")
     assert ops.implementations("chunked_linear_attention") == ("triton", "xla")
-    assert set(ops.TABLES) == {"flash_attention", "decode_attention", "chunked_linear_attention"}
+    assert ops.implementations("block_sparse_attention") == ("triton", "xla")
+    assert set(ops.TABLES) == {"flash_attention", "decode_attention", "chunked_linear_attention",
+                               "block_sparse_attention"}
     assert ops.available("flash_attention") == {name: None for name in ops.implementations("flash_attention")}
 
 
