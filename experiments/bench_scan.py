@@ -5,8 +5,10 @@ KV-cache decode against context length, in one run on one device.
     python experiments/bench_scan.py --smoke         # tiny shapes: checks the script runs
 
 Recurrence per head: S_t = exp(g_t) S_{t-1} + k_t^T v_t, o_t = q_t S_t (S is [E, E], fp32). Training: forward +
-backward of sum(o * dO) through (1) `pallas_kernels.chunked_linear_attention(implementation="xla")` (chunk 64),
-(2) `lax.associative_scan` over (decay, k^T v) pairs (materialises a [E, E] state per token), (3) `lax.scan`
+backward of sum(o * dO) through (1) `pallas_kernels.chunked_linear_attention(implementation="xla")` (chunk 64; its
+backward is autodiff of the chunked reference), (2) the same op with implementation="triton" (the Pallas forward
+and backward kernels; on a GPU, and in interpret mode with --smoke only: interpreted at full size it would take
+hours), (3) `lax.associative_scan` over (decay, k^T v) pairs (materialises a [E, E] state per token), (4) `lax.scan`
 token by token. Decode: one new token per sequence, through the recurrent state (constant size) and through
 `decode_attention` against a KV cache of growing length. Prints markdown tables; --out writes JSON rows.
 """
@@ -21,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import chunked_linear_attention, decode_attention
+from pallas_kernels.common import on_gpu
 
 
 def timed(fn, *args, repeats: int = 3) -> float:
@@ -57,16 +60,19 @@ def sequential_scan_attention(q_BTHE, k_BTHE, v_BTHE, g_BTH):
     return jnp.moveaxis(o_TBHE, 0, 1)
 
 
-def chunked_attention(q_BTHE, k_BTHE, v_BTHE, g_BTH):
-    return chunked_linear_attention(q_BTHE, k_BTHE, v_BTHE, g_BTH, chunk_size=64, implementation="xla")
+def chunked_attention(implementation: str):
+    def attend(q_BTHE, k_BTHE, v_BTHE, g_BTH):
+        return chunked_linear_attention(q_BTHE, k_BTHE, v_BTHE, g_BTH, chunk_size=64, implementation=implementation)
+    return attend
 
 
-def training_rows(batch: int, seq: int, heads: int, dim: int) -> list[dict]:
+def training_rows(batch: int, seq: int, heads: int, dim: int, *, with_triton: bool) -> list[dict]:
     keys = jax.random.split(jax.random.key(0), 5)
     q, k, v, d_out = (jax.random.normal(key, (batch, seq, heads, dim), jnp.float32) / dim**0.5 for key in keys[:4])
     g = -jax.nn.softplus(jax.random.normal(keys[4], (batch, seq, heads)))  # decays in (0, 1)
     rows = []
-    for name, fn in (("chunked SSD (xla, chunk 64)", chunked_attention),
+    triton = [("chunked SSD (triton kernels fwd + bwd, chunk 64)", chunked_attention("triton"))] * with_triton
+    for name, fn in (("chunked SSD (xla, chunk 64)", chunked_attention("xla")), *triton,
                      ("lax.associative_scan", associative_scan_attention),
                      ("sequential lax.scan", sequential_scan_attention)):
         loss_and_grads = jax.jit(jax.value_and_grad(lambda *a, fn=fn: jnp.sum(fn(*a) * d_out), argnums=(0, 1, 2, 3)))
@@ -107,8 +113,8 @@ def main(argv=None):
     contexts = [256, 1024] if args.smoke else [1024, 4096, 16384, 32768]
     env = dict(kind="env", jax=jax.__version__, device=str(jax.devices()[0]), date=time.strftime("%Y-%m-%d"),
                shape=f"B{batch} T{seq} H{heads} E{dim}")
-    rows = [env, *training_rows(batch, seq, heads, dim), *decode_rows(8 if not args.smoke else 1, heads, dim,
-                                                                      contexts)]
+    rows = [env, *training_rows(batch, seq, heads, dim, with_triton=on_gpu() or args.smoke),
+            *decode_rows(8 if not args.smoke else 1, heads, dim, contexts)]
     print(json.dumps(env))
     print("\n| forward + backward | ms | tokens/s | vs associative_scan |")
     print("|---|---|---|---|")

@@ -1,7 +1,7 @@
 """Mamba-2 (SSD) specifics (the registry-wide contract is in test_mixer_contract.py): the layer through the shared
 chunked op against a step-by-step recurrence written here (arXiv 2405.21060 / state-spaces/mamba `mamba2.py`), the
-reference's initialisations and parameter names, the prefill state, an MLP-free stack that trains, a 4k-token
-sequence with extreme dt, the closed-form accounting and bad configs."""
+reference's initialisations and parameter names, the prefill state, packed documents, an MLP-free stack that
+trains, a 4k-token sequence with extreme dt, the closed-form accounting and bad configs."""
 
 from __future__ import annotations
 
@@ -127,11 +127,29 @@ def test_prefill_leaves_each_state_at_its_own_length():
         np.testing.assert_allclose(cache.conv_BWC[b], window, rtol=1e-5, atol=1e-6)
 
 
-def test_packed_documents_are_refused():
-    mixer = build_mixer("mamba2(head_dim=16)")
-    ctx = ForwardContext("full", positions(1, 4), segment_ids_BT=jnp.array([[0, 0, 1, 1]]))
-    with pytest.raises(ValueError, match="segment_ids"):
-        mixer(jnp.zeros((1, 4, 32)), ctx)
+def test_packed_documents_equal_separate_runs():
+    """With segment ids (reused: documents are runs), each packed document equals the token-by-token reference run
+    on that document alone: neither the conv nor the state crosses a document start."""
+    mixer = build_mixer("mamba2(head_dim=16,d_state=8,n_groups=2,chunk_size=4)")
+    randomize_dynamics(mixer, seed=3)
+    lengths = (6, 2, 5)  # across chunk boundaries, one shorter than the conv window
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(1, sum(lengths), 32)), jnp.float32)
+    segments = jnp.asarray(np.repeat([0, 1, 0], lengths))[None]
+    y = mixer_forward(mixer, x, ForwardContext("full", positions(1, 13), segment_ids_BT=segments))
+    starts = np.cumsum((0,) + lengths[:-1])
+    # Each document alone, right-padded into one batch (padding comes after: it cannot change a causal output).
+    docs = jnp.stack([jnp.pad(x[0, s:s + n], [(0, max(lengths) - n), (0, 0)]) for s, n in zip(starts, lengths)])
+    expected, states = reference_forward(mixer, docs)
+    for doc, (s, n) in enumerate(zip(starts, lengths)):
+        np.testing.assert_allclose(y[0, s:s + n], expected[doc, :n], rtol=2e-4, atol=2e-5)
+    # A packed prefill whose prompt (8 tokens) ends in the 2-token document keeps that document's state and conv
+    # window only (its first row is before the document: zero), so decoding continues that document alone.
+    ctx = ForwardContext("prefill", positions(1, 13), segment_ids_BT=segments, lengths_B=jnp.array([8]))
+    cache = nnx.jit(lambda mixer, x: mixer(x, ctx, mixer.init_cache(1, 13)).cache)(mixer, x)
+    np.testing.assert_allclose(cache.ssm_BHNP[0], states[1, 1], rtol=2e-4, atol=2e-5)
+    xbc = linear(mixer.in_proj, x[0, 6:8])[:, mixer.d_inner:mixer.d_inner + mixer.conv_channels]
+    np.testing.assert_allclose(cache.conv_BWC[0], jnp.concatenate([jnp.zeros_like(xbc[:1]), xbc]), rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_mlp_free_stack_trains():

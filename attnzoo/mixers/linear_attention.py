@@ -26,7 +26,10 @@ head; data, -softplus(x w_h + b_h) per token and head. Learned and data start at
 The recurrence runs through `pallas_kernels.chunked_linear_attention` (the model's "chunked_linear_attention"
 implementation). Key/value heads are repeated to the H query heads before it, since each query head's decay makes its
 own state. Decode state (`LinearAttentionCache`): S (and z) per head, [B, H, E', F(+1)] float32, a constant size, so
-`cache_bytes_per_token() == 0`. Packed documents (segment ids) are not supported: the op has no state reset.
+`cache_bytes_per_token() == 0`. Packed documents (`ctx.segment_ids_BT`, full and prefill; a document is a run of
+equal consecutive ids): the op resets S (and z) at each document's first token, so nothing crosses documents; a
+packed prefill leaves each prompt's last document's state. Rotary positions follow `ctx.positions_BT` (restarted per
+document by the caller in packed training).
 
 FLOPs per token (2 per multiply-add; feature maps, decay gates and norms not counted):
     2 D (H E_qk + K E_qk + K F) + 2 H F D (projections) + 2 D H (data decay) + 4 H E' F' (state update and read-out)
@@ -189,9 +192,6 @@ class LinearAttention(Mixer):
         return jnp.zeros((b, t, self.n_heads), jnp.float32)
 
     def __call__(self, x_BTD, ctx: ForwardContext, cache: LinearAttentionCache | None = None) -> MixerOutput:
-        if ctx.segment_ids_BT is not None and ctx.mode == "full":
-            raise ValueError("linear_attention: packed documents (segment_ids_BT) are not supported; the chunked "
-                             "linear-attention op has no per-document state reset")
         b, t, _ = x_BTD.shape
         group = self.n_heads // self.n_kv_heads
         q_BTHE = self.q_proj(x_BTD).reshape(b, t, self.n_heads, self.qk_dim)
@@ -211,8 +211,9 @@ class LinearAttention(Mixer):
         o_BTHV, state_BHPV = pallas_kernels.chunked_linear_attention(
             q_BTHP, k_BTHP, v_BTHV, self.log_decay(x_BTD), scale=self.scale,
             initial_state_BHEF=cache.state_BHPV if decode else None,
-            lengths_B=ctx.lengths_B if ctx.mode == "prefill" else None, chunk_size=self.chunk_size,
-            return_final_state=True, implementation=self.implementation)
+            lengths_B=ctx.lengths_B if ctx.mode == "prefill" else None,
+            segment_ids_BT=None if decode else ctx.segment_ids_BT,  # decode continues each cached sequence
+            chunk_size=self.chunk_size, return_final_state=True, implementation=self.implementation)
         if ctx.mode != "full":
             cache = LinearAttentionCache(state_BHPV)
 

@@ -28,8 +28,11 @@ of PyTorch's uniform one; conv1d keeps PyTorch's default U(-1/sqrt(d_conv), 1/sq
 
 Decode state (`Mamba2Cache`): the last d_conv - 1 conv inputs (of xBC) and the ssm state [B, H, N, P] float32, a
 constant size (`cache_bytes_per_token() == 0`). Prefill of right-padded prompts passes the prompt lengths to the op
-(positions past a prompt's end leave its state alone) and keeps the conv window of each prompt's last inputs. Packed
-documents (`segment_ids_BT`) are refused: the shared op has no per-document state reset yet.
+(positions past a prompt's end leave its state alone) and keeps the conv window of each prompt's last inputs.
+
+Packed documents (`ctx.segment_ids_BT`, full and prefill; a document is a run of equal consecutive ids): the conv
+reads no row of another document and the op resets the state at each document's first token, so each document
+computes what it would alone. A packed prefill leaves the state and conv window of each prompt's last document.
 
 FLOPs per token (`flops_per_token`, 2 per multiply-add; biases, activations and the norm not counted), with
 Q = min(chunk_size, seq_len) the chunk length of the SSD algorithm (arXiv 2405.21060 section 6):
@@ -107,6 +110,13 @@ class Mamba2Cache:
     ssm_BHNP: jax.Array
 
 
+def document_index(segment_ids_BT):
+    """[B, T] int32: 0 at token 0, + 1 at every token whose segment id differs from the previous token's, so equal
+    indices mean one document even where packed ids are reused (0, 1, 0)."""
+    starts_BT = segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]
+    return jnp.cumsum(jnp.pad(starts_BT, [(0, 0), (1, 0)]), axis=1, dtype=jnp.int32)
+
+
 class GatedRMSNorm(nnx.Module):
     """The reference's RMSNormGated with norm_before_gate=False: RMSNorm(y * SiLU(z)) over each group of
     `group_size` channels, times `weight` [I], in float32; eps 1e-5 as Mamba2's."""
@@ -164,18 +174,18 @@ class Mamba2(Mixer):
         self.out_proj = dense(i, d, use_bias=options.bias, scale=1 / (2 * config.n_layers) ** 0.5, **kw)
 
     def __call__(self, x_BTD, ctx: ForwardContext, cache: Mamba2Cache | None = None) -> MixerOutput:
-        if ctx.segment_ids_BT is not None:
-            raise ValueError("mamba2 does not support packed documents (segment_ids): chunked_linear_attention has "
-                             "no per-document state reset")
         b, t, _ = x_BTD.shape
         i, g, n, h, p, w = self.d_inner, self.n_groups, self.d_state, self.n_heads, self.head_dim, self.d_conv - 1
         decode = ctx.mode == "decode"
+        # Document index per token (runs of equal segment ids); decode continues each cached sequence.
+        documents_BT = None if decode or ctx.segment_ids_BT is None else document_index(ctx.segment_ids_BT)
         z_BTI, xBC_BTC, dt_BTH = jnp.split(self.in_proj(x_BTD), [i, i + self.conv_channels], axis=-1)
 
         history_BWC = cache.conv_BWC.astype(xBC_BTC.dtype) if decode else jnp.zeros((b, w, self.conv_channels),
                                                                                        xBC_BTC.dtype)
         rows_BSC = jnp.concatenate([history_BWC, xBC_BTC], axis=1)
-        x_BTI, B_BTN, C_BTN = jnp.split(jax.nn.silu(self.conv1d(rows_BSC, t)), [i, i + g * n], axis=-1)
+        x_BTI, B_BTN, C_BTN = jnp.split(jax.nn.silu(self.conv1d(rows_BSC, t, documents_BT)), [i, i + g * n],
+                                        axis=-1)
         x_BTHP = x_BTI.reshape(b, t, h, p)
 
         dt_BTH = jax.nn.softplus(dt_BTH.astype(jnp.float32) + self.dt_bias[...])
@@ -184,14 +194,19 @@ class Mamba2(Mixer):
         y_BTHP, ssm_BHNP = pallas_kernels.chunked_linear_attention(
             C_BTN.reshape(b, t, g, n), B_BTN.reshape(b, t, g, n), v_BTHP, log_decay_BTH,
             initial_state_BHEF=cache.ssm_BHNP if decode else None,
-            lengths_B=ctx.lengths_B if ctx.mode == "prefill" else None,
+            lengths_B=ctx.lengths_B if ctx.mode == "prefill" else None, segment_ids_BT=documents_BT,
             chunk_size=self.chunk_size, return_final_state=True, implementation=self.implementation)
         y_BTHP = y_BTHP.astype(jnp.float32) + self.D[...][:, None] * x_BTHP.astype(jnp.float32)
         y_BTI = self.norm(y_BTHP.reshape(b, t, i), z_BTI)
 
         if ctx.mode != "full":
             end_B = jnp.full((b,), t, jnp.int32) if decode else ctx.lengths_B
-            cache = Mamba2Cache(rows_before(rows_BSC, end_B, w).astype(cache.conv_BWC.dtype), ssm_BHNP)
+            conv_BWC = rows_before(rows_BSC, end_B, w)
+            if documents_BT is not None:  # a packed prefill: keep the rows of each prompt's last document only
+                rows_document_BS = jnp.pad(documents_BT, [(0, 0), (w, 0)], mode="edge")
+                last_B = jnp.take_along_axis(documents_BT, jnp.maximum(end_B - 1, 0)[:, None], axis=1)
+                conv_BWC = jnp.where(rows_before(rows_document_BS == last_B, end_B, w)[..., None], conv_BWC, 0)
+            cache = Mamba2Cache(conv_BWC.astype(cache.conv_BWC.dtype), ssm_BHNP)
         return MixerOutput(self.out_proj(y_BTI), cache)
 
     def init_cache(self, batch: int, max_len: int) -> Mamba2Cache:

@@ -16,7 +16,8 @@ from pallas_kernels.common import FLOAT_DTYPES, default_interpret, on_gpu
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["q_BTKE", "k_BTKE", "v_BTHF", "log_decay_BTH", "initial_state_BHEF", "lengths_B"],
+                   data_fields=["q_BTKE", "k_BTKE", "v_BTHF", "log_decay_BTH", "initial_state_BHEF", "lengths_B",
+                                "segment_ids_BT"],
                    meta_fields=["scale", "chunk_size", "interpret"])
 @dataclasses.dataclass(frozen=True)
 class LinearCall:
@@ -28,13 +29,14 @@ class LinearCall:
     log_decay_BTH: jax.Array  # [B, T, H] or, per key dimension, [B, T, H, E]
     initial_state_BHEF: jax.Array | None  # float32
     lengths_B: jax.Array | None  # int32
+    segment_ids_BT: jax.Array | None  # int32
     scale: float
     chunk_size: int
     interpret: bool  # Pallas interpret mode
 
 
 def chunked_linear_attention(q_BTKE, k_BTKE, v_BTHF, log_decay_BTH, *, scale: float = 1.0,
-                             initial_state_BHEF=None, lengths_B=None, chunk_size: int = 64,
+                             initial_state_BHEF=None, lengths_B=None, segment_ids_BT=None, chunk_size: int = 64,
                              return_final_state: bool = False, implementation: str | Sequence[str] = "auto",
                              interpret: bool | None = None):
     """Causal linear attention with a data-dependent decay, computed chunk by chunk, differentiable:
@@ -57,24 +59,32 @@ def chunked_linear_attention(q_BTKE, k_BTKE, v_BTHF, log_decay_BTH, *, scale: fl
       lengths_B: [B] int, for right-padded batches: tokens at t >= lengths_B[b] change nothing (their k, v and
         log_decay are masked, so even non-finite padding is harmless), the final state is the state after each
         sequence's own last token, and the outputs at t >= lengths_B[b] are unspecified.
+      segment_ids_BT: [B, T] int, packed documents: a document is a run of equal consecutive ids, and the state is
+        reset to zero before each document's first token (t >= 1 whose id differs from token t - 1's), so nothing
+        crosses documents, in the outputs nor in the gradients. The initial state belongs to token 0's document;
+        the final state is the last document's (with lengths_B: the document holding each sequence's last token;
+        padding starts no document).
       chunk_size: tokens per chunk, >= 1 (the Triton kernel: a power of 2 >= 16). The result does not depend on it
         beyond rounding.
       return_final_state: also return the state after the last token.
       implementation: "auto", one of `ops.implementations("chunked_linear_attention")` or a sequence of them tried
-        in order: "triton" (Pallas Triton kernel: one program per (batch, head, value-column tile) carrying the
-        float32 state through an in-kernel loop over chunks; scalar decays only; its backward recomputes through the
-        XLA reference's VJP for now), "xla" (the float32 chunked reference). "auto" is xla (triton on GPU once
+        in order: "triton" (Pallas Triton kernels, forward and backward: one program per (batch, head,
+        value-column tile) carrying the float32 state, or in the backward its cotangent, through an in-kernel loop
+        over chunks; scalar decays per head only: it declines per-key-dimension decays, with that reason, so
+        "auto" and sequences such as ("triton", "xla") run those on the reference and implementation="triton"
+        alone raises), "xla" (the float32 chunked reference, every call). "auto" is xla (triton on GPU once
         verified there, see `ops.PALLAS_IN_AUTO`).
       interpret: Pallas interpret mode; default: off GPU.
 
     Returns:
       o_BTHF [B, T, H, F] in q's dtype, or (o_BTHF, final_state_BHEF float32) with `return_final_state`.
     """
-    _check_inputs(q_BTKE, k_BTKE, v_BTHF, log_decay_BTH, initial_state_BHEF, lengths_B, chunk_size)
+    _check_inputs(q_BTKE, k_BTKE, v_BTHF, log_decay_BTH, initial_state_BHEF, lengths_B, segment_ids_BT, chunk_size)
     call = LinearCall(q_BTKE=q_BTKE, k_BTKE=k_BTKE, v_BTHF=v_BTHF, log_decay_BTH=log_decay_BTH,
                       initial_state_BHEF=None if initial_state_BHEF is None else initial_state_BHEF.astype(
                           jnp.float32),
                       lengths_B=None if lengths_B is None else lengths_B.astype(jnp.int32),
+                      segment_ids_BT=None if segment_ids_BT is None else segment_ids_BT.astype(jnp.int32),
                       scale=float(scale), chunk_size=int(chunk_size),
                       interpret=default_interpret() if interpret is None else interpret)
     name, _ = ops.select("chunked_linear_attention", implementation, call, gpu=on_gpu())
@@ -87,7 +97,7 @@ def _run(call: LinearCall, name: str):
     return ops.load("chunked_linear_attention", name).run(call)
 
 
-def _check_inputs(q, k, v, log_decay, initial_state, lengths, chunk_size):
+def _check_inputs(q, k, v, log_decay, initial_state, lengths, segment_ids, chunk_size):
     for name, x in (("q_BTKE", q), ("k_BTKE", k), ("v_BTHF", v)):
         if x.ndim != 4:
             raise ValueError(f"{name} must be [batch, seq, heads, head_dim], got shape {x.shape}")
@@ -116,5 +126,8 @@ def _check_inputs(q, k, v, log_decay, initial_state, lengths, chunk_size):
                          f"{initial_state.dtype}{initial_state.shape}")
     if lengths is not None and (lengths.shape != (b,) or not jnp.issubdtype(lengths.dtype, jnp.integer)):
         raise ValueError(f"lengths_B must be an integer array of shape ({b},), got {lengths.dtype}{lengths.shape}")
+    if segment_ids is not None and (segment_ids.shape != (b, t) or not jnp.issubdtype(segment_ids.dtype, jnp.integer)):
+        raise ValueError(f"segment_ids_BT must be an integer array of shape {(b, t)}, got "
+                         f"{segment_ids.dtype}{segment_ids.shape}")
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")

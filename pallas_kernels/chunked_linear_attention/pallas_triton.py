@@ -1,5 +1,5 @@
-"""Chunked linear attention as a Pallas Triton kernel: the "triton" implementation of chunked_linear_attention
-(forward; the backward recomputes through the XLA reference's VJP for now).
+"""Chunked linear attention as Pallas Triton kernels: the "triton" implementation of chunked_linear_attention. The
+forward is here; its backward (dQ, dK/dV kernels) is in `pallas_triton_backward.py`, behind one `jax.custom_vjp`.
 
 Lightning Attention-2's fused forward (arXiv 2401.04658; OpenNLPLab lightning_attn2.py `_fwd_kernel`) with Mamba-2's
 data-dependent scalar decay: grid (B, H, value-column tiles); each program keeps its [E, block_f] float32 state in
@@ -9,135 +9,105 @@ Per chunk of C tokens, with G the chunk-local cumulative log decay (cumsum in th
     o     = scale * [ (q k^T * exp(G_i - G_j))_{i>=j} v  +  (q * exp(G)) S ]
     S     = exp(G_last) * S + (k * exp(G_last - G))^T v
 
-Every exponent is <= 0 and masked before exp. The decays are multiplied into the operands before they are cast to
-the input dtype for the tensor-core dots, which accumulate in float32 (fp32 inputs: IEEE dots). Value-column tiles
-recompute q k^T, as Lightning-2 does, to fill the GPU when B * H is small.
+Every exponent is <= 0 and masked before exp (`pallas_triton_common.chunk_decays`, which also applies the document
+masks of packed sequences). The decays are multiplied into the operands before they are cast to the input dtype
+for the tensor-core dots, which accumulate in float32 (fp32 inputs: IEEE dots). Value-column tiles recompute
+q k^T, as Lightning-2 does, to fill the GPU when B * H is small.
+
+Per-key-dimension decays (GLA, log_decay [B, T, H, E]) are declined (`unsupported_reason`), so they run on the XLA
+reference: "auto" and sequences fall through to "xla", and implementation="triton" alone raises naming it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plt
 
-from pallas_kernels.chunked_linear_attention.reference import (chunked_linear_attention_reference,
-                                                                mask_past_lengths)
-from pallas_kernels.common import cdiv, next_power_of_2, pad_axis
-
-STATE_ELEMENTS = 128 * 64  # float32 state tile per program (E x block_f): 32 KiB of registers
+from pallas_kernels.chunked_linear_attention import pallas_triton_backward
+from pallas_kernels.chunked_linear_attention import pallas_triton_common as tc
+from pallas_kernels.chunked_linear_attention.reference import mask_past_lengths, segment_resets
+from pallas_kernels.common import pad_axis
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """Static options of one call (hashable: the custom VJP's non-differentiable argument)."""
-    scale: float
-    chunk_size: int
-    interpret: bool
-
-
-def _kernel(q_ref, k_ref, v_ref, g_ref, *refs, chunk: int, num_chunks: int, scale: float, has_initial_state: bool,
-            precision):
-    # q_ref, k_ref: [T_pad, E_pad]; v_ref, o_ref: [T_pad, block_f]; g_ref: [T_pad] f32; s0_ref, s_ref: [E_pad,
-    # block_f] f32
-    s0_ref, o_ref, s_ref = refs if has_initial_state else (None, *refs)
-    pos = jnp.arange(chunk)
-    causal = pos[:, None] >= pos[None, :]
-    is_last = pos == chunk - 1
-    dtype = q_ref.dtype
-    f32_dot = functools.partial(lax.dot_general, precision=precision, preferred_element_type=jnp.float32)
+def _forward_kernel(q_ref, k_ref, v_ref, g_ref, r_ref, s0_ref, o_ref, s_ref, *, cfg: tc.Config):
+    # q_ref, k_ref: [T_pad, E_pad]; v_ref, o_ref: [T_pad, block_f]; g_ref: [T_pad] f32; r_ref: [T_pad] int32 or
+    # None; s0_ref (or None), s_ref: [E_pad, block_f] f32
+    dtype, chunk = q_ref.dtype, cfg.chunk_size
 
     def body(c, s):
-        rows = pl.ds(pl.multiple_of(c * chunk, chunk), chunk)
+        rows = tc.chunk_rows(c, chunk)
         q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
-        cum = jnp.cumsum(g_ref[rows])
-        cum_last = jnp.sum(jnp.where(is_last, cum, 0.0))
-        scores = f32_dot(q, k, (((1,), (1,)), ((), ())))
-        a = scores * jnp.exp(jnp.where(causal, cum[:, None] - cum[None, :], -jnp.inf))
-        q_dec = (q.astype(jnp.float32) * jnp.exp(cum)[:, None]).astype(dtype)
-        o = (f32_dot(a.astype(dtype), v, (((1,), (0,)), ((), ())))
-             + f32_dot(q_dec, s.astype(dtype), (((1,), (0,)), ((), ()))))
-        o_ref[rows, :] = (scale * o).astype(o_ref.dtype)
-        k_dec = (k.astype(jnp.float32) * jnp.exp(cum_last - cum)[:, None]).astype(dtype)
-        return jnp.exp(cum_last) * s + f32_dot(k_dec, v, (((0,), (0,)), ((), ())))
+        decay = tc.chunk_decays(g_ref, r_ref, rows)
+        a = tc.dot(q, k, trans_b=True) * decay.pair
+        o = tc.dot(a.astype(dtype), v) + tc.dot(tc.scale_rows(q, decay.read), s.astype(dtype))
+        o_ref[rows, :] = (cfg.scale * o).astype(o_ref.dtype)
+        return decay.carry * s + tc.dot(tc.scale_rows(k, decay.write), v, trans_a=True)
 
-    s = s0_ref[...] if has_initial_state else jnp.zeros(s_ref.shape, jnp.float32)
-    s_ref[...] = lax.fori_loop(0, num_chunks, body, s)
+    s = jnp.zeros(s_ref.shape, jnp.float32) if s0_ref is None else s0_ref[...]
+    s_ref[...] = lax.fori_loop(0, q_ref.shape[0] // chunk, body, s)
 
 
-def _forward(q_BTKE, k_BTKE, v_BTHF, log_decay_BTH, initial_state_BHEF, cfg: Config):
-    """The kernel on inputs padded to its tile rules (T to chunks, E and F to powers of 2 >= 16; no-ops for the
-    usual widths and training lengths): (o [B, T, H, F], final state [B, H, E, F] f32)."""
-    b, t, kh, e = q_BTKE.shape
-    h, f = v_BTHF.shape[2:]
-    group, chunk = h // kh, cfg.chunk_size
-    num_chunks = cdiv(t, chunk)
-    t_pad, e_pad, f_pad = num_chunks * chunk, max(16, next_power_of_2(e)), max(16, next_power_of_2(f))
-    block_f = min(f_pad, max(16, STATE_ELEMENTS // e_pad))
-    q, k = (pad_axis(pad_axis(x, 1, t_pad), 3, e_pad) for x in (q_BTKE, k_BTKE))
-    v = pad_axis(pad_axis(v_BTHF, 1, t_pad), 3, f_pad)
-    g = pad_axis(log_decay_BTH.astype(jnp.float32), 1, t_pad)  # padded tokens: decay 1, k = v = 0
-    has_initial_state = initial_state_BHEF is not None
-    state_spec = pl.BlockSpec((None, None, e_pad, block_f), lambda i, j, n: (i, j, 0, n))
-    in_specs = [
-        pl.BlockSpec((None, t_pad, None, e_pad), lambda i, j, n: (i, 0, j // group, 0)),
-        pl.BlockSpec((None, t_pad, None, e_pad), lambda i, j, n: (i, 0, j // group, 0)),
-        pl.BlockSpec((None, t_pad, None, block_f), lambda i, j, n: (i, 0, j, n)),
-        pl.BlockSpec((None, t_pad, None), lambda i, j, n: (i, 0, j)),
-    ]
-    inputs = [q, k, v, g]
-    if has_initial_state:
-        in_specs.append(state_spec)
-        inputs.append(pad_axis(pad_axis(initial_state_BHEF, 2, e_pad), 3, f_pad))
-    kernel = functools.partial(
-        _kernel, chunk=chunk, num_chunks=num_chunks, scale=cfg.scale, has_initial_state=has_initial_state,
-        precision=lax.Precision.HIGHEST if q.dtype == jnp.float32 else lax.Precision.DEFAULT)
-    o, s = pl.pallas_call(
-        kernel,
-        grid=(b, h, f_pad // block_f),
-        in_specs=in_specs,
-        out_specs=[pl.BlockSpec((None, t_pad, None, block_f), lambda i, j, n: (i, 0, j, n)), state_spec],
-        out_shape=[jax.ShapeDtypeStruct((b, t_pad, h, f_pad), q.dtype),
-                   jax.ShapeDtypeStruct((b, h, e_pad, f_pad), jnp.float32)],
-        compiler_params=plt.CompilerParams(num_warps=4 if e_pad * block_f <= 64 * 64 else 8, num_stages=2),
+def forward(q, k, v, g, resets, s0, cfg: tc.Config):
+    """The forward kernel on padded arrays (q, k [B, T_pad, K, E_pad]; v [B, T_pad, H, F_pad]; g [B, T_pad, H] f32;
+    resets [B, T_pad] int32 or None; s0 [B, H, E_pad, F_pad] f32 or None): (o [B, T_pad, H, F_pad] in q's dtype,
+    final state [B, H, E_pad, F_pad] f32)."""
+    b, _, h, f_pad = v.shape
+    spec = tc.specs(q.shape, v.shape, cfg)
+    state_spec = None if s0 is None else spec["state"]
+    return pl.pallas_call(
+        functools.partial(_forward_kernel, cfg=cfg),
+        grid=tc.grid(v.shape, cfg),
+        in_specs=[spec["qk"], spec["qk"], spec["value"], spec["token"],
+                  None if resets is None else spec["resets"], state_spec],
+        out_specs=[spec["value"], spec["state"]],
+        out_shape=[jax.ShapeDtypeStruct(v.shape, q.dtype), jax.ShapeDtypeStruct((b, h, q.shape[3], f_pad),
+                                                                                 jnp.float32)],
+        compiler_params=tc.compiler_params(q.shape[3], cfg.block_f),
         interpret=cfg.interpret,
         name="chunked_linear_attention_fwd",
-    )(*inputs)
-    return o[:, :t, :, :f], s[:, :, :e, :f]
+    )(q, k, v, g, resets, s0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _linear_attention(q, k, v, log_decay, initial_state, cfg: Config):
-    return _forward(q, k, v, log_decay, initial_state, cfg)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _linear_attention(q, k, v, g, resets, s0, cfg: tc.Config):
+    return forward(q, k, v, g, resets, s0, cfg)
 
 
-def _linear_attention_fwd(q, k, v, log_decay, initial_state, cfg: Config):
-    return _forward(q, k, v, log_decay, initial_state, cfg), (q, k, v, log_decay, initial_state)
+def _linear_attention_fwd(q, k, v, g, resets, s0, cfg: tc.Config):
+    o, s = forward(q, k, v, g, resets, s0, cfg)
+    return (o, s), (q, k, v, g, resets, s0, s)
 
 
-def _linear_attention_bwd(cfg: Config, residuals, cotangents):
-    """Recomputes through the chunked XLA reference's VJP (a Pallas backward kernel is future work)."""
-    reference = functools.partial(chunked_linear_attention_reference, scale=cfg.scale, chunk_size=cfg.chunk_size)
-    _, vjp = jax.vjp(lambda q, k, v, g, s0: reference(q, k, v, g, initial_state_BHEF=s0), *residuals)
-    return vjp(cotangents)
-
-
-_linear_attention.defvjp(_linear_attention_fwd, _linear_attention_bwd)
+_linear_attention.defvjp(_linear_attention_fwd, pallas_triton_backward.linear_attention_backward)
 
 
 def unsupported_reason(call) -> str | None:
     if call.log_decay_BTH.ndim == 4:
-        return "per-key-dimension log_decay [B, T, H, E] (GLA) is not supported yet: scalar decays per head only"
+        return ("per-key-dimension log_decay [B, T, H, E] (GLA) is not supported: the Triton kernels take scalar "
+                "decays per head only (the XLA reference takes both)")
     if call.chunk_size < 16 or call.chunk_size & (call.chunk_size - 1):
         return f"chunk_size must be a power of 2 >= 16 (Triton's tile rule), got {call.chunk_size}"
     return None
 
 
 def run(call):
+    """Pads to the kernels' tile rules (T to chunks, E and F to powers of 2 >= 16: no-ops for the usual widths and
+    training lengths), runs the custom-VJP kernels and slices back."""
     k, v, log_decay = mask_past_lengths(call.k_BTKE, call.v_BTHF, call.log_decay_BTH, call.lengths_B)
-    return _linear_attention(call.q_BTKE, k, v, log_decay, call.initial_state_BHEF,
-                             Config(scale=call.scale, chunk_size=call.chunk_size, interpret=call.interpret))
+    _, t, _, e = call.q_BTKE.shape
+    f = v.shape[3]
+    t_pad, e_pad, f_pad, block_f = tc.padded_sizes(t, e, f, call.chunk_size)
+    q, k = (pad_axis(pad_axis(x, 1, t_pad), 3, e_pad) for x in (call.q_BTKE, k))
+    v = pad_axis(pad_axis(v, 1, t_pad), 3, f_pad)
+    g = pad_axis(log_decay.astype(jnp.float32), 1, t_pad)  # padded tokens: decay 1, k = v = 0
+    resets = (None if call.segment_ids_BT is None
+              else segment_resets(call.segment_ids_BT, call.lengths_B, call.chunk_size))
+    s0 = (None if call.initial_state_BHEF is None
+          else pad_axis(pad_axis(call.initial_state_BHEF, 2, e_pad), 3, f_pad))
+    cfg = tc.Config(scale=call.scale, chunk_size=call.chunk_size, block_f=block_f, interpret=call.interpret)
+    o, s = _linear_attention(q, k, v, g, resets, s0, cfg)
+    return o[:, :t, :, :f], s[:, :, :e, :f]
