@@ -1,6 +1,11 @@
-"""Small shared modules: RMSNorm, SwiGLU MLP, rotary position embedding."""
+"""Small shared modules: RMSNorm, SwiGLU MLP, rotary position embedding (with the frequency scalings of long-context
+checkpoints)."""
 
 from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -46,10 +51,51 @@ class SwiGLU(nnx.Module):
         return 2 * 3 * d * h
 
 
-def apply_rope(x_BTHD, positions_BT, *, base: float):
-    """Rotary embedding, rotate-half convention (RoFormer, arXiv 2104.09864), in float32."""
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """A rescaling of the rotary frequencies for context extension, as Hugging Face's `rope_parameters` name them.
+
+    "linear" (position interpolation, arXiv 2306.15595): every frequency divided by `factor`.
+    "llama3" (Llama 3.1): wavelengths longer than original_max_len / low_freq_factor divided by `factor`, shorter
+    than original_max_len / high_freq_factor kept, those between blended linearly in original_max_len / wavelength.
+    """
+
+    kind: Literal["linear", "llama3"]
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_len: int = 8192
+
+    def __post_init__(self):
+        if self.kind not in ("linear", "llama3"):
+            raise ValueError(f"rope_scaling={self.kind!r} is not one of 'linear', 'llama3' (or none)")
+        if self.factor <= 0:
+            raise ValueError(f"rope_factor={self.factor} must be > 0")
+        if self.kind == "llama3" and not 0 < self.low_freq_factor < self.high_freq_factor:
+            raise ValueError(f"rope_low_freq_factor={self.low_freq_factor} and rope_high_freq_factor="
+                             f"{self.high_freq_factor} must satisfy 0 < low < high")
+        if self.original_max_len <= 0:
+            raise ValueError(f"rope_original_max_len={self.original_max_len} must be positive")
+
+    def apply(self, inv_freq_F):
+        if self.kind == "linear":
+            return inv_freq_F / self.factor
+        wavelength_F = 2 * math.pi / inv_freq_F
+        smooth_F = (self.original_max_len / wavelength_F - self.low_freq_factor) / (
+            self.high_freq_factor - self.low_freq_factor)
+        blended_F = (1 - smooth_F) * inv_freq_F / self.factor + smooth_F * inv_freq_F
+        long_F = wavelength_F > self.original_max_len / self.low_freq_factor
+        short_F = wavelength_F < self.original_max_len / self.high_freq_factor
+        return jnp.where(long_F, inv_freq_F / self.factor, jnp.where(short_F, inv_freq_F, blended_F))
+
+
+def apply_rope(x_BTHD, positions_BT, *, base: float, scaling: RopeScaling | None = None):
+    """Rotary embedding, rotate-half convention (RoFormer, arXiv 2104.09864), in float32; `scaling` rescales the
+    frequencies base^(-2i/D)."""
     half = x_BTHD.shape[-1] // 2
     inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    if scaling is not None:
+        inv_freq = scaling.apply(inv_freq)
     angle_BTF = positions_BT.astype(jnp.float32)[..., None] * inv_freq
     cos, sin = jnp.cos(angle_BTF)[:, :, None, :], jnp.sin(angle_BTF)[:, :, None, :]
     x1, x2 = jnp.split(x_BTHD.astype(jnp.float32), 2, axis=-1)

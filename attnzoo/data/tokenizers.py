@@ -14,7 +14,7 @@ from typing import Iterable, Protocol
 import numpy as np
 import tokenizers
 
-KINDS = ("byte", "bpe")
+KINDS = ("byte", "bpe")  # built here; a saved "hf" tokenizer (attnzoo.interop) is restored too
 SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>")
 META_FILE = "tokenizer_meta.json"
 BPE_FILE = "tokenizer.json"
@@ -120,7 +120,10 @@ def load_tokenizer(directory: str | os.PathLike) -> ByteTokenizer | BPETokenizer
         return ByteTokenizer()
     if kind == "bpe":
         return BPETokenizer(tokenizers.Tokenizer.from_file(os.path.join(directory, BPE_FILE)))
-    raise ValueError(f"tokenizer: {meta_path} names kind {kind!r}; expected one of {KINDS}")
+    if kind == "hf":  # a run started from a Hugging Face checkpoint (attnzoo-train --init-from)
+        from attnzoo.interop.tokenizer import HFTokenizer
+        return HFTokenizer.from_directory(directory)
+    raise ValueError(f"tokenizer: {meta_path} names kind {kind!r}; expected one of {KINDS + ('hf',)}")
 
 
 def make_tokenizer(

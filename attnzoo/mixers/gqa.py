@@ -22,7 +22,7 @@ from attnzoo.attention import attention, cached_attention
 from attnzoo.cache import write_at
 from attnzoo.config import ModelConfig
 from attnzoo.diagnostics import attention_diagnostics
-from attnzoo.layers import RMSNorm, apply_rope, dense
+from attnzoo.layers import RMSNorm, RopeScaling, apply_rope, dense
 from attnzoo.mixers.base import (ForwardContext, Mixer, MixerOutput, SharedParams, Supports, average_context,
                                  dtype_bytes)
 from attnzoo.registry import register
@@ -32,7 +32,10 @@ from attnzoo.registry import register
 class GQAOptions:
     """n_heads, n_kv_heads ("all": MHA), head_dim: default the model's. window: sliding window in tokens including
     the current one. qk_norm: RMSNorm on q and k per head (arXiv 2302.05442). rope: rotary positions.
-    logits_soft_cap: c * tanh(logits / c)."""
+    logits_soft_cap: c * tanh(logits / c). qkv_bias / out_bias: biases on the q, k, v / output projections (Qwen2
+    has the first, Llama's attention_bias both). rope_scaling: "linear" or "llama3" frequency rescaling for context
+    extension (see attnzoo.layers.RopeScaling) with rope_factor, and for llama3 rope_low_freq_factor,
+    rope_high_freq_factor, rope_original_max_len."""
 
     n_heads: int | None = None
     n_kv_heads: int | Literal["all"] | None = None
@@ -41,8 +44,16 @@ class GQAOptions:
     qk_norm: bool = False
     rope: bool = True
     logits_soft_cap: float | None = None
+    qkv_bias: bool = False
+    out_bias: bool = False
+    rope_scaling: Literal["linear", "llama3"] | None = None
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
 
     def __post_init__(self):
+        self.rope_frequency_scaling()  # checks the rope_* values
         for name in ("n_heads", "head_dim", "window"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -51,6 +62,12 @@ class GQAOptions:
             raise ValueError(f"n_kv_heads={self.n_kv_heads} must be a positive integer, 'all' or none")
         if self.logits_soft_cap is not None and self.logits_soft_cap <= 0:
             raise ValueError(f"logits_soft_cap={self.logits_soft_cap} must be > 0 (or none)")
+
+    def rope_frequency_scaling(self) -> RopeScaling | None:
+        if self.rope_scaling is None:
+            return None
+        return RopeScaling(self.rope_scaling, self.rope_factor, self.rope_low_freq_factor, self.rope_high_freq_factor,
+                           self.rope_original_max_len)
 
 
 @jax.tree_util.register_dataclass
@@ -89,22 +106,26 @@ class GQAttention(Mixer):
             raise ValueError(f"n_kv_heads={n_kv_heads} must divide n_heads={n_heads}")
         if options.rope and head_dim % 2:
             raise ValueError(f"head_dim={head_dim} must be even for rotary embeddings (or set rope=false)")
+        if options.rope_scaling is not None and not options.rope:
+            raise ValueError(f"rope_scaling={options.rope_scaling!r} needs rope=true")
 
     def __init__(self, config: ModelConfig, options: GQAOptions, *, shared: SharedParams | None = None,
                  rngs: nnx.Rngs):
         self.n_heads, self.n_kv_heads, self.head_dim = heads(config, options)
         self.window = options.window
         self.rope_base = config.rope_base if options.rope else None
+        self.rope_scaling = options.rope_frequency_scaling()
         self.soft_cap = options.logits_soft_cap
         self.flash_implementation = config.kernel("flash_attention")
         self.decode_implementation = config.kernel("decode_attention")
         self.cache_dtype = jnp.dtype(config.dtype)
         d, e = config.d_model, self.head_dim
         kw = dict(dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype), rngs=rngs)
-        self.q_proj = dense(d, self.n_heads * e, **kw)
-        self.k_proj = dense(d, self.n_kv_heads * e, **kw)
-        self.v_proj = dense(d, self.n_kv_heads * e, **kw)
-        self.o_proj = dense(self.n_heads * e, d, scale=1 / (2 * config.n_layers) ** 0.5, **kw)
+        self.q_proj = dense(d, self.n_heads * e, use_bias=options.qkv_bias, **kw)
+        self.k_proj = dense(d, self.n_kv_heads * e, use_bias=options.qkv_bias, **kw)
+        self.v_proj = dense(d, self.n_kv_heads * e, use_bias=options.qkv_bias, **kw)
+        self.o_proj = dense(self.n_heads * e, d, scale=1 / (2 * config.n_layers) ** 0.5, use_bias=options.out_bias,
+                            **kw)
         norm = dict(eps=config.norm_eps, param_dtype=kw["param_dtype"])
         self.q_norm = RMSNorm(e, **norm) if options.qk_norm else None
         self.k_norm = RMSNorm(e, **norm) if options.qk_norm else None
@@ -122,8 +143,8 @@ class GQAttention(Mixer):
         if self.q_norm is not None:
             q_BTHE, k_BTKE = self.q_norm(q_BTHE), self.k_norm(k_BTKE)
         if self.rope_base is not None:
-            q_BTHE = apply_rope(q_BTHE, positions_BT, base=self.rope_base)
-            k_BTKE = apply_rope(k_BTKE, positions_BT, base=self.rope_base)
+            q_BTHE = apply_rope(q_BTHE, positions_BT, base=self.rope_base, scaling=self.rope_scaling)
+            k_BTKE = apply_rope(k_BTKE, positions_BT, base=self.rope_base, scaling=self.rope_scaling)
         return q_BTHE, k_BTKE
 
     def attend(self, q_BTHE, k_BTKE, v_BTKE, ctx: ForwardContext, cache: KVCache | None,

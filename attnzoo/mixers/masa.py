@@ -111,6 +111,9 @@ class MASAttention(GQAttention):
     @classmethod
     def check(cls, options: MASAOptions, config: ModelConfig) -> None:
         super().check(options, config)
+        if options.qkv_bias or options.out_bias:
+            raise ValueError("qkv_bias / out_bias are not supported by masa: its projections are the shared "
+                             "atoms' combinations, which have no bias")
         layers = _masa_layers(config)
         layout = _dictionary_layout(config, options, len(layers))
         if layout[0] > len(layers):

@@ -4,11 +4,18 @@
     attnzoo-train --preset tiny --plan "gqa*3,mqa" --data notes/ --tokenizer bpe --bpe-vocab 2048
     attnzoo-train --run-dir runs/x --resume                      # continue a run (same model and data flags)
     attnzoo-train --run-dir runs/x --resume --steps 2000         # ... and extend it to 2000 steps
+    attnzoo-train --init-from hf/llama --data notes/             # fine-tune a Hugging Face-format checkpoint
+    attnzoo-train --init-from hf/llama --plan "gqa*6,gated*2"    # ... with the last two layers' mixers replaced
 
 --resume takes the training settings it is not given from the run's run.json; the model, data and tokenizer
 flags must match the run's. A larger --steps extends the run: its learning-rate schedule keeps its original
 length (warmup, then cosine to the floor at the original last step) and the added steps train at the floor
 learning rate, so the steps already trained are unchanged.
+
+--init-from DIR takes the model's shape and weights from a Hugging Face directory (attnzoo.interop; its tokenizer
+too, else --tokenizer's, which must fit the vocabulary) instead of --preset. With --plan (one entry per layer),
+the layers whose entry differs from the checkpoint's start with a freshly initialised mixer; their norms and MLP
+and every other layer load. Parameters train in float32 whatever the checkpoint's dtype.
 
 A run's checkpoints are used afterwards with attnzoo-generate (sampling) and attnzoo-eval (loss, perplexity).
 """
@@ -56,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny", help=f"model size: {', '.join(PRESETS)} (default tiny)")
     p.add_argument("--plan", help="layer plan with one entry per layer of the preset, e.g. 'gqa*3,mqa' for tiny "
-                                  "(default: GQA in every layer)")
+                                  "(default: GQA in every layer; with --init-from: the checkpoint's, and layers "
+                                  "given another mixer start fresh)")
+    p.add_argument("--init-from", metavar="DIR", help="start from a Hugging Face-format checkpoint directory "
+                                                      "(config.json + *.safetensors) instead of --preset")
     p.add_argument("--kernel", action="append", default=[], metavar="OP=IMPL",
                    help="a kernel op's implementation, e.g. flash_attention=cudnn or flash_attention=mosaic_gpu,triton "
                         "(tried in order); repeatable; default auto (see pallas_kernels.ops)")
@@ -109,8 +119,15 @@ def _bounded_texts(texts, max_chars: int):
 
 
 def _tokenizer(args, corpus, run_dir: Path):
-    """Resume: the run's saved tokenizer (run.json then checks it is the requested one). Fresh: bytes, or BPE
-    learned from the training split."""
+    """--init-from: the checkpoint's tokenizer when it has one. Resume: the run's saved tokenizer (run.json then
+    checks it is the requested one). Fresh: bytes, or BPE learned from the training split."""
+    if args.init_from:
+        from attnzoo.interop import read_config
+        from attnzoo.interop.tokenizer import load_directory_tokenizer
+
+        tokenizer = load_directory_tokenizer(args.init_from, read_config(args.init_from)[0])
+        if tokenizer is not None:
+            return tokenizer
     if args.resume and (run_dir / TOKENIZER_DIR).exists():
         return load_tokenizer(run_dir / TOKENIZER_DIR)
     texts = _bounded_texts(corpus.iter_texts("train"), BPE_TRAINING_CHARS) if args.tokenizer == "bpe" else None
@@ -157,6 +174,32 @@ def _training_config(args, run_dir: Path) -> TrainConfig:
     return preset.replace(**overrides)
 
 
+def _model_shape(args):
+    """(ModelConfig without the vocabulary and compute dtype, the checkpoint's config or None)."""
+    kernels = _kernel_choices(args.kernel)
+    if not args.init_from:
+        return get_preset(args.preset, plan=args.plan, kernels=kernels), None
+    from attnzoo.interop import read_config  # safetensors is needed only here
+
+    pretrained = read_config(args.init_from)[2]
+    return pretrained.replace(plan=args.plan or pretrained.plan, kernels=kernels, param_dtype="float32"), pretrained
+
+
+def _fresh_layers(config, pretrained) -> list[int]:
+    """The layers whose plan entry differs from the checkpoint's: their mixers start fresh."""
+    return [i for i, (new, old) in enumerate(zip(config.layers, pretrained.layers)) if new != old]
+
+
+def _init_from(model, args, pretrained) -> None:
+    from attnzoo.interop import load_weights
+
+    fresh = _fresh_layers(model.config, pretrained)
+    skipped = load_weights(model, args.init_from, fresh_layers=fresh)
+    print(f"init: weights from {args.init_from}"
+          + (f"; layers {', '.join(map(str, fresh))} start with fresh mixers" if fresh else "")
+          + (f"; left out (shapes differ): {', '.join(skipped)}" if skipped else ""))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -166,24 +209,38 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Configuration first, data last: a bad flag (ModelConfig checks every plan option) fails before any
         # tokenizing or writing.
-        shape = get_preset(args.preset, plan=args.plan, kernels=_kernel_choices(args.kernel))
-        run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(args.preset, shape.plan)
+        shape, pretrained = _model_shape(args)
+        source = Path(args.init_from).name if args.init_from else args.preset
+        run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(source, shape.plan)
         training = _training_config(args, run_dir)
         if training.seq_len > shape.max_seq_len:
             raise ValueError(f"seq_len={training.seq_len} exceeds the model's max_seq_len={shape.max_seq_len} "
-                             f"(preset {args.preset}); choose --seq-len <= {shape.max_seq_len}")
+                             f"({args.init_from or 'preset ' + args.preset}); choose --seq-len <= {shape.max_seq_len}")
         if not args.resume:
             ensure_no_run(run_dir)  # fail before reading data; `train` checks again before writing
         corpus = stdlib_corpus() if args.data == ["stdlib"] else text_corpus(args.data)
         tokenizer = _tokenizer(args, corpus, run_dir)
-        model_config = shape.replace(vocab_size=tokenizer.vocab_size, dtype=args.dtype)
+        if tokenizer.eos_id is None:
+            raise ValueError(f"--init-from {args.init_from}: its tokenizer names no end-of-text token (eos_token in "
+                             f"tokenizer_config.json or eos_token_id in config.json); documents need one")
+        if pretrained is not None and tokenizer.vocab_size > shape.vocab_size:
+            raise ValueError(f"--init-from {args.init_from}: the tokenizer's {tokenizer.vocab_size} ids do not fit "
+                             f"the checkpoint's vocab_size={shape.vocab_size}; give the directory a tokenizer.json")
+        model_config = shape.replace(vocab_size=shape.vocab_size if pretrained else tokenizer.vocab_size,
+                                     dtype=args.dtype)
         dataset = TokenDataset.build(corpus, tokenizer, cache_dir())
         dataset.check_seq_len(training.seq_len)  # before `train` writes the run directory
         entropy = unigram_entropy(dataset, "val")
     except (ValueError, FileNotFoundError, RunDirError) as error:
         parser.exit(2, f"attnzoo-train: error: {error}\n")
     model = LanguageModel(model_config, rngs=nnx.Rngs(training.seed))
-    print(f"model: preset {args.preset}, plan {model_config.plan}, compute {model_config.dtype}")
+    if pretrained is not None:
+        try:
+            _init_from(model, args, pretrained)
+        except ValueError as error:
+            parser.exit(2, f"attnzoo-train: error: {error}\n")
+    origin = f"init from {args.init_from}" if pretrained else f"preset {args.preset}"
+    print(f"model: {origin}, plan {model_config.plan}, compute {model_config.dtype}")
     print(model.summary(training.seq_len).table())
     print(f"data: {corpus.name} ({corpus.num_bytes():,} bytes), fingerprint {corpus.fingerprint[:16]}, "
           f"tokenizer {tokenizer.identity} (vocab {tokenizer.vocab_size}), "
