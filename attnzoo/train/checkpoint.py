@@ -2,7 +2,8 @@
 
 A run directory holds
     run.json         the run's full configuration (model, training, data fingerprint, tokenizer)
-    checkpoints/<step>/{state, meta}   params + optimizer state (Orbax), and {step, seed, data position} (JSON)
+    checkpoints/<step>/{state, meta}   params + optimizer state (+ "rest", the model's non-parameter state, such as
+                     k-means centroids, when it has any) (Orbax), and {step, seed, data position} (JSON)
     metrics.jsonl, loss.png, sample.txt, tokenizer files   written by the trainer / CLI
 
 Orbax saves into `<step>.orbax-checkpoint-tmp*` and renames it only when complete, so a crash mid-save leaves
@@ -147,8 +148,13 @@ def abstract_like(tree: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
+def _has_leaves(tree: Any) -> bool:
+    return tree is not None and bool(jax.tree.leaves(tree))
+
+
 class Checkpointer:
-    """Saves and restores {params, opt_state} plus {step, seed, data position} under `run_dir/checkpoints`.
+    """Saves and restores {params, opt_state} (and the non-parameter state `rest`, where the model has one) plus
+    {step, seed, data position} under `run_dir/checkpoints`.
 
     Saves are asynchronous (training continues while the files are written); keeps the latest `keep`.
     """
@@ -159,10 +165,14 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create))
 
-    def save(self, step: int, params: Any, opt_state: Any, seed: int) -> None:
-        """Checkpoint the state after `step` updates; the next batch to train on is batch index `step`."""
+    def save(self, step: int, params: Any, opt_state: Any, seed: int, rest: Any = None) -> None:
+        """Checkpoint the state after `step` updates; the next batch to train on is batch index `step`. `rest`: the
+        model's non-parameter state (saved when it holds arrays)."""
+        state = {"params": params, "opt_state": opt_state}
+        if _has_leaves(rest):
+            state["rest"] = rest
         self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave({"params": params, "opt_state": opt_state}),
+            state=ocp.args.StandardSave(state),
             meta=ocp.args.JsonSave({"step": step, "seed": seed, "data_position": step})))
 
     def latest_step(self) -> int | None:
@@ -183,24 +193,36 @@ class Checkpointer:
                                     f"saved steps: {', '.join(map(str, steps))}")
         return step
 
-    def restore(self, params_like: Any, opt_state_like: Any, step: int | None = None) -> tuple[Any, Any, dict]:
-        """(params, opt_state, meta) of `step` (default: the latest), shaped and sharded like the given trees."""
+    def restore(self, params_like: Any, opt_state_like: Any, step: int | None = None, *,
+                rest_like: Any = None) -> tuple:
+        """(params, opt_state, meta) of `step` (default: the latest), shaped and sharded like the given trees; with
+        `rest_like` (the model's non-parameter state), (params, opt_state, meta, rest)."""
         step = self._existing_step(step)
         target = {"params": abstract_like(params_like), "opt_state": abstract_like(opt_state_like)}
+        if _has_leaves(rest_like):
+            target["rest"] = abstract_like(rest_like)
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-        return restored["state"]["params"], restored["state"]["opt_state"], restored["meta"]
+        state = restored["state"]
+        if rest_like is None:
+            return state["params"], state["opt_state"], restored["meta"]
+        return state["params"], state["opt_state"], restored["meta"], state.get("rest", rest_like)
 
-    def restore_params(self, params_like: Any, step: int | None = None) -> tuple[Any, dict]:
-        """(params, meta) of `step` (default: the latest), shaped and sharded like `params_like`. The optimizer
-        state is not read (an Orbax partial restore), so no optimizer needs to be built."""
+    def restore_params(self, params_like: Any, step: int | None = None, *, rest_like: Any = None) -> tuple:
+        """(params, meta) of `step` (default: the latest), shaped and sharded like `params_like`; with `rest_like`
+        (the model's non-parameter state), (params, meta, rest). The optimizer state is not read (an Orbax partial
+        restore), so no optimizer needs to be built."""
         step = self._existing_step(step)
         target = {"params": abstract_like(params_like)}
+        if _has_leaves(rest_like):
+            target["rest"] = abstract_like(rest_like)
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                          partial_restore=True),
             meta=ocp.args.JsonRestore()))
-        return restored["state"]["params"], restored["meta"]
+        if rest_like is None:
+            return restored["state"]["params"], restored["meta"]
+        return restored["state"]["params"], restored["meta"], restored["state"].get("rest", rest_like)
 
     def wait(self) -> None:
         """Block until pending saves are on disk (raises if one failed)."""

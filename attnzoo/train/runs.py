@@ -45,11 +45,12 @@ def load_run(run_dir: str | Path, step: int | None = None) -> LoadedRun:
         raise RunDirError(f"--run-dir: {run_dir} holds no checkpoint yet; continue its training with "
                           f"attnzoo-train --run-dir {run_dir} --resume")
     training = TrainConfig.from_dict(saved["train"])
-    # Built with the training seed: any non-parameter state is then exactly the one training used.
     model = LanguageModel(ModelConfig.from_dict(saved["model"]), rngs=nnx.Rngs(training.seed))
+    # Non-parameter state that training updates (e.g. Routing Transformer centroids) is restored with the params.
+    _, params_like, rest_like = nnx.split(model, nnx.Param, ...)
     with Checkpointer(run_dir, create=False) as checkpointer:
-        params, meta = checkpointer.restore_params(nnx.state(model, nnx.Param), step)
-    nnx.update(model, params)
+        params, meta, rest = checkpointer.restore_params(params_like, step, rest_like=rest_like)
+    nnx.update(model, params, rest)
     return LoadedRun(run_dir, saved, training, load_tokenizer(run_dir / TOKENIZER_DIR), model, meta["step"])
 
 

@@ -1,11 +1,14 @@
 """The training loop, functional style: `graphdef, params, rest = nnx.split(model, nnx.Param, ...)`.
 
-Only `params` (fp32 master weights, in `ModelConfig.param_dtype`) are trained; `rest` (any other nnx state) is
-passed through unchanged. The model computes in `ModelConfig.dtype`. A jitted
-`train_step(params, opt_state, x, y) -> params, opt_state, metrics` does one AdamW update on
+Only `params` (fp32 master weights, in `ModelConfig.param_dtype`) are trained by the optimizer; `rest` (any other
+nnx state) is what the forward itself updates in training mode: the step merges the model, calls `model.train()`
+(modules with running statistics then update them in place, e.g. the Routing Transformer's k-means centroids) and
+carries the new `rest` out beside the parameters; it is checkpointed with them. The model computes in
+`ModelConfig.dtype`. A jitted `train_step(params, opt_state, x, y) -> params, opt_state, metrics` (its `rest`
+attribute holding the current non-parameter state) does one AdamW update on
 loss = mean cross-entropy over targets != IGNORE_INDEX + out.aux_loss.
 
-A step whose loss or gradient norm is not finite is skipped: params and optimizer state come out unchanged (so
+A step whose loss or gradient norm is not finite is skipped: params, optimizer state and rest come out unchanged (so
 the learning-rate schedule does not advance either), metrics["skipped"] is 1, and the batch still counts as
 consumed: the trainer's step (its data position) advances, so a checkpoint written after skipped steps holds a
 finite state. `max_bad_steps` skipped steps in a row stop the run with NonFiniteLossError, without a checkpoint.
@@ -20,6 +23,7 @@ and sample.txt; see `attnzoo.train.checkpoint` for its layout and for resuming.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import signal
@@ -56,12 +60,16 @@ def cross_entropy_sum(logits_BTV: jax.Array, targets_BT: jax.Array) -> tuple[jax
     return jnp.sum(jnp.where(scored, ce, 0.0)), jnp.sum(scored)
 
 
-def loss_fn(params, graphdef, rest, x_BT, y_BT) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Training loss = mean cross-entropy + the mixers' aux loss; aux = {ce, aux_loss, model metrics}."""
-    out = nnx.merge(graphdef, params, rest)(x_BT)
+def loss_fn(params, graphdef, rest, x_BT, y_BT) -> tuple[jax.Array, tuple[dict[str, jax.Array], Any]]:
+    """Training loss = mean cross-entropy + the mixers' aux loss, of the model in training mode; aux = ({ce,
+    aux_loss, model metrics}, the non-parameter state after the forward)."""
+    model = nnx.merge(graphdef, params, rest, copy=True)  # fresh variables, so the forward may update them here
+    model.train()  # modules with running statistics (k-means centroids) update them during this forward
+    out = model(x_BT)
     ce_sum, count = cross_entropy_sum(out.logits_BTV, y_BT)
     ce = ce_sum / jnp.maximum(count, 1)
-    return ce + out.aux_loss, {"ce": ce, "aux_loss": out.aux_loss, **out.metrics}
+    _, _, new_rest = nnx.split(model, nnx.Param, ...)
+    return ce + out.aux_loss, ({"ce": ce, "aux_loss": out.aux_loss, **out.metrics}, new_rest)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -108,42 +116,58 @@ def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation,
     return graphdef, params, rest, jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
 
 
-def make_train_step(graphdef, rest, optimizer: optax.GradientTransformation,
-                    placement: Placement | None = None) -> Callable:
-    """A jitted `train_step(params, opt_state, x, y) -> (params, opt_state, metrics)` for an optimizer made by
-    `make_optimizer`. Params and opt_state are donated; with a placement they keep their shardings.
+class TrainStep:
+    """`train_step(params, opt_state, x, y) -> (params, opt_state, metrics)`; `train_step.rest` holds the model's
+    non-parameter state (empty for most models), which each step reads and replaces with the state its forward
+    left (see the module docstring)."""
 
-    When the loss or the gradient norm is not finite, params and opt_state are returned unchanged and
+    def __init__(self, jitted: Callable, rest):
+        self._jitted, self.rest = jitted, rest
+
+    def __call__(self, params, opt_state, x_BT, y_BT):
+        params, opt_state, self.rest, metrics = self._jitted(params, opt_state, self.rest, x_BT, y_BT)
+        return params, opt_state, metrics
+
+
+def make_train_step(graphdef, rest, optimizer: optax.GradientTransformation,
+                    placement: Placement | None = None) -> TrainStep:
+    """A jitted `train_step(params, opt_state, x, y) -> (params, opt_state, metrics)` for an optimizer made by
+    `make_optimizer`, starting from the non-parameter state `rest` (then in `train_step.rest`). Params and
+    opt_state are donated; with a placement they keep their shardings (rest stays replicated).
+
+    When the loss or the gradient norm is not finite, params, opt_state and rest are returned unchanged and
     metrics["skipped"] is 1 (else 0)."""
 
     def step(params, opt_state, rest, x_BT, y_BT):
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, graphdef, rest, x_BT, y_BT)
+        (loss, (metrics, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, graphdef, rest, x_BT,
+                                                                                       y_BT)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt_state = optimizer.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         # A select rather than lax.cond: the outputs still alias the donated inputs, and the cost is one pass.
-        params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                                         (new_params, new_opt_state), (params, opt_state))
+        params, opt_state, rest = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                               (new_params, new_opt_state, new_rest), (params, opt_state, rest))
         if placement is not None:
             params = jax.lax.with_sharding_constraint(params, placement.state_shardings(params))
             opt_state = jax.lax.with_sharding_constraint(opt_state, placement.state_shardings(opt_state))
+            rest = jax.lax.with_sharding_constraint(rest, placement.replicated)
         metrics = {"loss": loss, **metrics, "grad_norm": grad_norm, "lr": current_learning_rate(opt_state),
                    "skipped": jnp.logical_not(finite).astype(jnp.int32)}
-        return params, opt_state, metrics
+        return params, opt_state, rest, metrics
 
-    jitted = jax.jit(step, donate_argnums=(0, 1))
-    return lambda params, opt_state, x_BT, y_BT: jitted(params, opt_state, rest, x_BT, y_BT)
+    return TrainStep(jax.jit(step, donate_argnums=(0, 1)), rest)
 
 
 def make_eval_step(graphdef, rest) -> Callable:
-    """A jitted `eval_step(params, x, y) -> (sum of cross-entropies, scored tokens)`."""
+    """A jitted `eval_step(params, x, y, rest=rest) -> (sum of cross-entropies, scored tokens)`; pass the current
+    non-parameter state as `rest` when training changes it."""
 
     @jax.jit
     def step(params, rest, x_BT, y_BT):
         return cross_entropy_sum(nnx.merge(graphdef, params, rest)(x_BT).logits_BTV, y_BT)
 
-    return lambda params, x_BT, y_BT: step(params, rest, x_BT, y_BT)
+    return lambda params, x_BT, y_BT, rest=rest: step(params, rest, x_BT, y_BT)
 
 
 def evaluate(eval_step: Callable, params, batches: Iterable[tuple[np.ndarray, np.ndarray]], batch_size: int,
@@ -325,11 +349,10 @@ class Trainer:
         self.loss_baseline = loss_baseline
         self.placement = Placement.create(config.parallelism)
         self.optimizer = make_optimizer(config)
-        self.graphdef, self.params, self.rest, self.opt_state = init_train_state(model, self.optimizer,
-                                                                                 self.placement)
+        self.graphdef, self.params, rest, self.opt_state = init_train_state(model, self.optimizer, self.placement)
         self.step = 0
-        self.train_step = make_train_step(self.graphdef, self.rest, self.optimizer, self.placement)
-        self.eval_step = make_eval_step(self.graphdef, self.rest)
+        self.train_step = make_train_step(self.graphdef, rest, self.optimizer, self.placement)
+        self.eval_step = make_eval_step(self.graphdef, rest)
         self.checkpointer = Checkpointer(self.run_dir, config.keep_checkpoints)
         self.log = MetricsLog(self.run_dir / METRICS_FILE)
 
@@ -337,14 +360,20 @@ class Trainer:
         return jnp.asarray(batch) if self.placement is None else self.placement.place_batch(batch)
 
     @property
+    def rest(self):
+        """The model's current non-parameter state (what the forward updates in training, e.g. centroids)."""
+        return self.train_step.rest
+
+    @property
     def model(self) -> nnx.Module:
-        """The model with the current parameters."""
+        """The model with the current parameters and non-parameter state."""
         return nnx.merge(self.graphdef, self.params, self.rest)
 
     def restore_latest(self) -> int:
         """Load the latest checkpoint (if any) and rewind the metrics log to it; returns the step reached."""
         if self.checkpointer.latest_step() is not None:
-            self.params, self.opt_state, meta = self.checkpointer.restore(self.params, self.opt_state)
+            self.params, self.opt_state, meta, self.train_step.rest = self.checkpointer.restore(
+                self.params, self.opt_state, rest_like=self.rest)
             if meta["seed"] != self.config.seed:
                 raise ValueError(f"checkpoint seed {meta['seed']} differs from config seed {self.config.seed}")
             self.step = meta["step"]
@@ -354,12 +383,13 @@ class Trainer:
     def save(self) -> None:
         """Checkpoint the current step (no-op if it is already the latest checkpoint)."""
         if self.checkpointer.latest_step() != self.step:
-            self.checkpointer.save(self.step, self.params, self.opt_state, self.config.seed)
+            self.checkpointer.save(self.step, self.params, self.opt_state, self.config.seed, rest=self.rest)
 
     def evaluate(self) -> dict[str, float]:
         cfg = self.config
         batches = self.dataset.eval_batches("val", cfg.batch_size, cfg.seq_len, cfg.eval_batches)
-        return evaluate(self.eval_step, self.params, batches, cfg.batch_size, self._place_batch)
+        return evaluate(functools.partial(self.eval_step, rest=self.rest), self.params, batches, cfg.batch_size,
+                        self._place_batch)
 
     def run(self, until: int | None = None) -> TrainResult:
         """Train up to step `until` (default: config.steps), logging, evaluating and checkpointing on the way.
@@ -499,5 +529,5 @@ def train(model: nnx.Module, config: TrainConfig, dataset, run_dir: str | Path, 
         if not resume and is_primary_process() and not has_checkpoint(run_dir):
             discard_run_dir(run_dir, keep_directory=run_dir_existed)
         raise
-    nnx.update(model, trainer.params)
+    nnx.update(model, trainer.params, trainer.rest)
     return result
