@@ -23,6 +23,9 @@ from attnzoo.mixers.base import ForwardContext, Mixer, Mode, SharedParams
 from attnzoo.registry import get_mixer
 
 
+SIDE_STREAM = "side_stream"  # the SharedParams key of a fixed side stream built by a mixer's make_shared
+
+
 class ModelOutput(NamedTuple):
     logits_BTV: jax.Array
     aux_loss: jax.Array  # sum of the mixers' weighted auxiliary losses
@@ -103,7 +106,9 @@ class LanguageModel(nnx.Module):
         the caller sized the caches, as `generate` does). The returned `caches` are the updated decode state.
         `skip_layers` drops those layers (evaluation with layers removed). `side_tokens_BS` ([B or 1, S]) is a
         second stream run through the same stack beside the batch; each mixer sees its hidden state as
-        `ctx.side_BSD`. `diagnostics=True` (evaluation) adds the mixers' attention diagnostics to `metrics`.
+        `ctx.side_BSD`; without it, a model whose mixers built a fixed stream (the shared module SIDE_STREAM, e.g.
+        decon_fixed_seq_qk's) runs that one. `diagnostics=True` (evaluation) adds the mixers' attention
+        diagnostics to `metrics`.
         """
         b, t = tokens_BT.shape
         if mode != "full" and caches is None:
@@ -124,9 +129,8 @@ class LanguageModel(nnx.Module):
         x = self.embed(tokens_BT)
         ctx = ForwardContext(mode, positions_BT, segment_ids_BT, lengths_B if mode != "full" else None,
                              input_embeddings_BTD=x, diagnostics=diagnostics)
-        side, side_ctx = None, None
-        if side_tokens_BS is not None:
-            side = self.embed(side_tokens_BS)
+        side, side_ctx = self.side_stream(side_tokens_BS), None
+        if side is not None:
             side_positions = jnp.broadcast_to(jnp.arange(side.shape[1]), side.shape[:2])
             side_ctx = ForwardContext("full", side_positions, input_embeddings_BTD=side)
         aux_loss, metrics, new_caches = jnp.zeros((), jnp.float32), {}, []
@@ -145,6 +149,15 @@ class LanguageModel(nnx.Module):
         logits = self._logits(self.final_norm(x))
         state = None if caches is None else DecodeState(tuple(new_caches), new_lengths_B, caches.capacity)
         return ModelOutput(logits, aux_loss, metrics, state)
+
+    def side_stream(self, side_tokens_BS=None):
+        """The side stream's input [B or 1, S, D]: `side_tokens_BS` embedded, else the fixed stream a mixer built
+        (the shared module "side_stream", called with the embedding), else None."""
+        if side_tokens_BS is not None:
+            return self.embed(side_tokens_BS)
+        if SIDE_STREAM in self.shared.modules:
+            return self.shared[SIDE_STREAM](self.embed)
+        return None
 
     def _logits(self, h_BTD):
         if self.lm_head is not None:

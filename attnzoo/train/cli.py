@@ -32,7 +32,7 @@ from pathlib import Path
 from flax import nnx
 
 from attnzoo.config import PRESETS, get_preset
-from attnzoo.data import TokenDataset, load_tokenizer, make_tokenizer, stdlib_corpus, text_corpus, unigram_entropy
+from attnzoo.data import TokenDataset, load_corpus, load_tokenizer, make_tokenizer, unigram_entropy
 from attnzoo.data.corpus import DATA_HELP
 from attnzoo.model import LanguageModel
 from attnzoo.train.checkpoint import RUN_CONFIG_FILE, ConfigMismatchError, RunDirError, ensure_no_run, read_run_config
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"({args.init_from or 'preset ' + args.preset}); choose --seq-len <= {shape.max_seq_len}")
         if not args.resume:
             ensure_no_run(run_dir)  # fail before reading data; `train` checks again before writing
-        corpus = stdlib_corpus() if args.data == ["stdlib"] else text_corpus(args.data)
+        corpus = load_corpus(args.data, cache_dir())
         tokenizer = _tokenizer(args, corpus, run_dir)
         if tokenizer.eos_id is None:
             raise ValueError(f"--init-from {args.init_from}: its tokenizer names no end-of-text token (eos_token in "

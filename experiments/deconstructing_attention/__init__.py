@@ -1,0 +1,1 @@
+"""Deconstructing Attention (arXiv 2510.11602): attention variants x uniform / hybrid / hybrid-skip layouts."""
