@@ -229,7 +229,8 @@ def run_study(study: Study, scale: str, out: str | os.PathLike, *, seeds: Sequen
         request = {"model": model_config.to_dict(), "train": run_training.to_dict(), "data": data}
         prefix = f"run {number}/{len(grid)} {run_dir.name}"
         record = _finished_record(run_dir, request, run_training.steps)
-        if record is not None:
+        if record is not None:  # labels are presentation: a run shared between studies shows this study's
+            record = {**record, "study": study.name, "variant": variant.name, "label": variant.label}
             echo(f"{prefix}: reused (finished earlier): {_describe(record['metrics'])}")
             records.append(record)
             continue
