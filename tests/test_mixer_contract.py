@@ -123,22 +123,24 @@ def test_accounting_is_consistent(mixer):
     assert s.flops_per_token > 2 * (n_params - VOCAB * 32)  # at least 2 FLOPs per non-embedding weight
 
 
-def one_per_class_then_slow(mixers):
-    """The first name of each mixer class runs in the default suite; its aliases and option variants (same code
-    through the same kernels) run with `-m slow`, which keeps the interpreted-kernel cost of the suite bounded."""
+def one_per_file_then_slow(mixers):
+    """The first name of each mixer file runs in the default suite; its aliases, option variants and sibling
+    classes (same code through the same kernels) run with `-m slow`, which keeps the interpreted-kernel cost of
+    the suite bounded."""
     seen = set()
     for mixer in mixers:
-        cls = get_mixer(mixer.split("(")[0]).cls
-        yield pytest.param(mixer, marks=() if cls not in seen else pytest.mark.slow)
-        seen.add(cls)
+        module = get_mixer(mixer.split("(")[0]).cls.__module__
+        yield pytest.param(mixer, marks=() if module not in seen else pytest.mark.slow)
+        seen.add(module)
 
 
-@pytest.mark.parametrize("mixer", one_per_class_then_slow(m for m in MIXERS if supports(m).kernel_ops))
+@pytest.mark.parametrize("mixer", one_per_file_then_slow(m for m in MIXERS if supports(m).kernel_ops))
 def test_pallas_kernels_match_xla_in_the_mixer(mixer):
     """Every kernel op the mixer declares, through the Triton kernels (interpreted on CPU) == through XLA."""
     ops = supports(mixer).kernel_ops
-    xla = tiny_model(mixer, kernels={op: "xla" for op in ops})
-    triton = tiny_model(mixer, kernels={op: "triton" for op in ops})
+    one_layer = dict(n_layers=1, plan=mixer)  # the interpreted kernels dominate the cost: one layer exercises them
+    xla = tiny_model(mixer, kernels={op: "xla" for op in ops}, **one_layer)
+    triton = tiny_model(mixer, kernels={op: "triton" for op in ops}, **one_layer)
     tokens = random_tokens(6, (2, 9))
 
     def loss(model):

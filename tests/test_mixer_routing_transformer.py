@@ -152,7 +152,7 @@ def test_the_papers_balanced_windows_would_leak():
     assert not np.array_equal(members_before_t(x), members_before_t(changed))
 
 
-DECODE_PLANS = ["routing_transformer(block_size=4,clusters=3,cluster_window=8)",
+DECODE_PLANS = [pytest.param("routing_transformer(block_size=4,clusters=3,cluster_window=8)", marks=pytest.mark.slow),
                 pytest.param("routing_transformer(block_size=4,clusters=2,routed_heads=3,local_blocks=2)",
                              marks=pytest.mark.slow)]
 

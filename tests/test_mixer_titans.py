@@ -163,6 +163,7 @@ def test_mag_attention_is_a_window_plus_persistent_prefix():
     np.testing.assert_allclose(got, attn.output(o), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_mal_plan_and_the_three_variants_generate():
     """MAL is a plan (the memory layer, then sliding-window attention); with MAG and MAC in one stack, generate()
     runs through the mixed caches (chunks and segments of 4 crossed) exactly as greedy re-scoring does."""
