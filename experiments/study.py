@@ -354,10 +354,17 @@ def main(study: Study, argv: Sequence[str] | None = None, *, reports: Mapping[st
 
     matplotlib.use("Agg")  # the command only writes image files
     out = Path(args.out or Path(RUNS_DIR) / f"{study.name}-{args.scale}")
+    data = None if args.data is None else args.data[0] if len(args.data) == 1 else tuple(args.data)
+    return run_command(parser, out, lambda: run_study(study, args.scale, out, seeds=args.seeds, reports=reports,
+                                                      evaluate_run=evaluate_run, data=data,
+                                                      progress=not args.no_progress))
+
+
+def run_command(parser: argparse.ArgumentParser, out: Path, run: Callable[[], StudyResults]) -> int:
+    """A study command's ending: a bad declaration exits 2, Ctrl-C says how to continue (exit 130), else the
+    results table and the files written are printed."""
     try:
-        data = None if args.data is None else args.data[0] if len(args.data) == 1 else tuple(args.data)
-        results = run_study(study, args.scale, out, seeds=args.seeds, reports=reports, evaluate_run=evaluate_run,
-                            data=data, progress=not args.no_progress)
+        results = run()
     except (StudyConfigError, RunDirError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     except KeyboardInterrupt:

@@ -30,9 +30,10 @@ if not __package__:  # run as a file: import `experiments` from this checkout (i
 
 from attnzoo import parse_plan  # noqa: E402
 from attnzoo.data import ByteTokenizer, load_corpus  # noqa: E402
-from attnzoo.train import RunDirError, TrainConfig  # noqa: E402
+from attnzoo.train import TrainConfig  # noqa: E402
 from experiments.compare.config import SCALES  # noqa: E402
-from experiments.study import RUNS_DIR, cache_dir, Scale, Study, StudyConfigError, StudyResults, Variant, run_study  # noqa: E402
+from experiments.study import (RUNS_DIR, Scale, Study, StudyConfigError, StudyResults, Variant,  # noqa: E402
+                               cache_dir, run_command, run_study)
 
 DEFAULT_OUT = Path("runs") / "compare"
 # The KV-cache frontier of the attention zoo: full heads, grouped, one kv head, latent, compressed convolutional.
@@ -191,19 +192,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         scale = with_overrides(SCALES[args.scale], parse_assignments(args.model, "--model"),
                                parse_assignments(args.train, "--train"))
-        scale_name = args.scale + (" (with --model / --train changes)" if args.model or args.train else "")
-        results = compare(variants, scale_name, args.out, cache=args.cache, scale=scale, data=data,
-                          seeds=args.seeds, progress=not args.no_progress)
-    except (StudyConfigError, RunDirError) as error:
+    except StudyConfigError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
-    except KeyboardInterrupt:
-        print(f"interrupted: rerun the same command to continue (finished runs in {args.out} are reused, the "
-              f"interrupted one resumes from its latest checkpoint)")
-        return 130
-    print(f"\n{results.table}\n")
-    for path in results.files.values():
-        print(f"wrote {path}")
-    return 0
+    scale_name = args.scale + (" (with --model / --train changes)" if args.model or args.train else "")
+    return run_command(parser, Path(args.out), lambda: compare(variants, scale_name, args.out, cache=args.cache,
+                                                               scale=scale, data=data, seeds=args.seeds,
+                                                               progress=not args.no_progress))
 
 
 if __name__ == "__main__":

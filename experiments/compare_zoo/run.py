@@ -25,7 +25,7 @@ from attnzoo.data import ByteTokenizer  # noqa: E402
 from attnzoo.train import RunDirError  # noqa: E402
 from experiments.compare.run import DEFAULT_OUT, compare  # noqa: E402
 from experiments.compare_zoo.config import FAMILIES, FAMILY_OF, STUDY, zoo_variants  # noqa: E402
-from experiments.study import StudyConfigError, StudyResults, markdown_table  # noqa: E402
+from experiments.study import StudyConfigError, StudyResults, markdown_table, run_command  # noqa: E402
 
 FAMILY_TABLE = "zoo_by_family.md"
 
@@ -90,18 +90,9 @@ def main(argv=None) -> int:
 
     matplotlib.use("Agg")  # the command only writes image files
     zoo_variants(echo=print)  # say which declared variants this checkout cannot run
-    try:
-        results = run(args.scale, args.out, cache=args.cache, families=args.families, exclude=args.exclude,
-                      seeds=args.seeds, progress=not args.no_progress)
-    except (StudyConfigError, RunDirError) as error:
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
-    except KeyboardInterrupt:
-        print(f"interrupted: rerun the same command to continue (finished runs in {args.cache} are reused)")
-        return 130
-    print(f"\n{results.table}\n")
-    for path in results.files.values():
-        print(f"wrote {path}")
-    return 0
+    return run_command(parser, Path(args.cache), lambda: run(args.scale, args.out, cache=args.cache,
+                                                             families=args.families, exclude=args.exclude,
+                                                             seeds=args.seeds, progress=not args.no_progress))
 
 
 if __name__ == "__main__":
