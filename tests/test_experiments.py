@@ -37,6 +37,7 @@ def _finished_files(out: Path) -> dict[Path, int]:
     return {path: path.stat().st_mtime_ns for path in out.glob("runs/*/metrics.jsonl")}
 
 
+@pytest.mark.slow  # the runner's train-then-reuse path runs by default through tests/test_compare.py
 def test_compare_attention_smoke_writes_results_and_reuses_finished_runs(tmp_path):
     out = tmp_path / "study"
     first = _run_from_repo_root("experiments/compare_attention/run.py", "--scale", "smoke", "--out", str(out),

@@ -41,6 +41,16 @@ def test_causality(mixer):
         assert float(jnp.abs(a[:, t:] - b[:, t:]).max()) > 1e-6, "changing token t must change outputs at t"
 
 
+def first_then_slow(mixers, key=lambda cls: cls):
+    """The first name per key(mixer class) runs in the default suite, the others (aliases, option variants: the
+    same code) with `-m slow`, which keeps the suite's cost bounded as the registry grows."""
+    seen = set()
+    for mixer in mixers:
+        group = key(get_mixer(mixer.split("(")[0]).cls)
+        yield pytest.param(mixer, marks=() if group not in seen else pytest.mark.slow)
+        seen.add(group)
+
+
 def prefill(model, tokens, prompt_lengths):
     """Prefill right-padded prompts (padding filled with a token that must not matter)."""
     padded = jnp.where(jnp.arange(tokens.shape[1])[None] < prompt_lengths[:, None], tokens, 5)
@@ -66,7 +76,8 @@ def test_decode_with_cache_equals_full_forward(mixer):
         np.testing.assert_allclose(out.logits_BTV[:, 0], full[jnp.arange(3), pos], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("mixer", [m for m in MIXERS if supports(m).decode and supports(m).multi_token_decode])
+@pytest.mark.parametrize("mixer", first_then_slow(m for m in MIXERS
+                                                          if supports(m).decode and supports(m).multi_token_decode))
 def test_multi_token_decode_equals_full_forward(mixer):
     model = tiny_model(mixer)
     tokens = random_tokens(4, (2, T))
@@ -80,7 +91,7 @@ def test_multi_token_decode_equals_full_forward(mixer):
                                rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("mixer", [m for m in MIXERS if supports(m).decode])
+@pytest.mark.parametrize("mixer", first_then_slow(m for m in MIXERS if supports(m).decode))
 def test_decode_past_capacity_raises(mixer):
     model = tiny_model(mixer)
     tokens = random_tokens(5, (1, T))
@@ -123,18 +134,9 @@ def test_accounting_is_consistent(mixer):
     assert s.flops_per_token > 2 * (n_params - VOCAB * 32)  # at least 2 FLOPs per non-embedding weight
 
 
-def one_per_file_then_slow(mixers):
-    """The first name of each mixer file runs in the default suite; its aliases, option variants and sibling
-    classes (same code through the same kernels) run with `-m slow`, which keeps the interpreted-kernel cost of
-    the suite bounded."""
-    seen = set()
-    for mixer in mixers:
-        module = get_mixer(mixer.split("(")[0]).cls.__module__
-        yield pytest.param(mixer, marks=() if module not in seen else pytest.mark.slow)
-        seen.add(module)
-
-
-@pytest.mark.parametrize("mixer", one_per_file_then_slow(m for m in MIXERS if supports(m).kernel_ops))
+# Interpreted kernels are the suite's costliest check: once per mixer file (sibling classes share their kernel calls).
+@pytest.mark.parametrize("mixer", first_then_slow((m for m in MIXERS if supports(m).kernel_ops),
+                                                  key=lambda cls: cls.__module__))
 def test_pallas_kernels_match_xla_in_the_mixer(mixer):
     """Every kernel op the mixer declares, through the Triton kernels (interpreted on CPU) == through XLA."""
     ops = supports(mixer).kernel_ops
