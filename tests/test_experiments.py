@@ -127,4 +127,7 @@ def test_every_study_declares_valid_configs_at_every_scale():
     from experiments.compare_zoo.config import STUDY as ZOO
 
     for study in (STUDY, ZOO):
-        study.check(vocab_size=259)
+        study.check(vocab_size=259)  # raises StudyConfigError naming the variant and scale
+        for scale in study.scales:
+            plans = [study.model_config(scale, variant, 259).plan for variant in study.variants]
+            assert plans == [variant.plan for variant in study.variants]

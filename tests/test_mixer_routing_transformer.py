@@ -5,6 +5,8 @@ config errors and the closed-form accounting."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from flax import nnx
@@ -159,6 +161,8 @@ DECODE_PLANS = [pytest.param("routing_transformer(block_size=4,clusters=3,cluste
 
 @pytest.mark.parametrize("mixer", DECODE_PLANS)
 def test_decode_across_blocks_equals_full_forward(mixer):
+    from test_mixer_contract import T
+    assert T > 2 * int(re.search(r"block_size=(\d+)", mixer).group(1)), "decode must cross block boundaries"
     check_decode_equals_full(mixer)
     check_multi_token_decode(mixer)
 

@@ -7,6 +7,8 @@ softmax; MAL as a plan; linear growth of a training step's memory; closed-form a
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -135,12 +137,14 @@ def test_linear_memory_runs_through_the_shared_kernel():
     pytest.param("lmm(chunk_size=5,memory_depth=3,d_conv=none,weight_decay=false)", marks=pytest.mark.slow),
 ])
 def test_decode_equals_full_forward_across_chunks(mixer):
+    assert contract.T > int(re.search(r"chunk_size=(\d+)", mixer).group(1)), "decode must cross a chunk boundary"
     contract.test_decode_with_cache_equals_full_forward(mixer)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mixer", ["titans_mac(chunk_size=4,n_persistent=2)", "titans_mag(chunk_size=3,window=2)"])
 def test_multi_token_decode_across_chunks(mixer):
+    assert contract.T > int(re.search(r"chunk_size=(\d+)", mixer).group(1)), "decode must cross a chunk boundary"
     contract.test_multi_token_decode_equals_full_forward(mixer)
 
 

@@ -37,7 +37,7 @@ class DecoupledQKAttention(GQAttention):
     """Softmax attention whose queries and keys come from another stream than its values (`qk_source`)."""
 
     def qk_source(self, x_BTD, ctx: ForwardContext):
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must say which stream its queries and keys come from")
 
     def queries_keys(self, x_BTD, ctx: ForwardContext):
         """q [B,T,H,E] and k [B,T,K,E] after QK-norm and RoPE, from `qk_source`."""
