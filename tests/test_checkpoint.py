@@ -134,6 +134,21 @@ def test_resume_may_extend_the_steps_and_records_them(tmp_path):
         prepare_run_dir(tmp_path, run_config(TINY, pinned.replace(steps=10), data, tokenizer), resume=True)
 
 
+def test_resume_by_other_code_is_recorded_and_said_not_refused(tmp_path):
+    tokenizer, data = ByteTokenizer(), {"name": "corpus", "fingerprint": "abc"}
+    first = run_config(TINY, TRAINING, data, tokenizer)
+    assert first["code"]["source_hash"] and "commit" in first["code"]
+    prepare_run_dir(tmp_path, first, resume=False)
+    assert json.loads((tmp_path / "run.json").read_text())["code"] == first["code"]
+    prepare_run_dir(tmp_path, run_config(TINY, TRAINING, data, tokenizer), resume=True)  # same code: silent
+    assert "resumed_by" not in json.loads((tmp_path / "run.json").read_text())
+    later = {**first, "code": {**first["code"], "commit": "f" * 40, "source_hash": "0" * 16}}
+    with pytest.warns(UserWarning, match="continues with commit ffffffffff"):
+        prepare_run_dir(tmp_path, later, resume=True)
+    saved = json.loads((tmp_path / "run.json").read_text())
+    assert saved["code"] == first["code"] and saved["resumed_by"] == [later["code"]]
+
+
 def test_an_extended_schedule_keeps_the_original_and_then_holds_the_floor():
     original = TrainConfig(steps=10, warmup_steps=2, lr=1e-2, min_lr_ratio=0.1)
     extended = original.replace(steps=15, schedule_steps=10)

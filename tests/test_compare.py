@@ -23,6 +23,8 @@ from experiments import mqar_recall  # noqa: E402
 from experiments.compare import run as compare_run  # noqa: E402
 from experiments.compare.config import SCALES  # noqa: E402
 from experiments.compare.reports import pareto_front  # noqa: E402
+from attnzoo.provenance import code_identity, describe  # noqa: E402
+from experiments import study  # noqa: E402
 from experiments.study import Variant  # noqa: E402
 
 
@@ -67,6 +69,33 @@ def test_compare_writes_results_and_reuses_cached_runs(tmp_path, fast_compile):
     assert len(lines) == 1 and "reused" in lines[0]
     assert again.rows == first.rows and (tmp_path / "other" / "results.csv").exists()
     assert (tmp_path / "other" / "runs").resolve() == (tmp_path / "runs").resolve()
+
+
+def test_a_cached_run_made_by_other_code_is_never_reused_silently(tmp_path, fast_compile, monkeypatch):
+    first = compare_run.compare(["mqa*1"], "smoke", tmp_path, progress=False, echo=lambda _: None)
+    [record] = first.records
+    assert record["code"] == code_identity()  # the run records the code that made it
+    [row] = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert row["commit"] == study.run_commits([record]) and describe(record["code"]) in first.table + \
+        first.files["results.md"].read_text()
+    [run_dir] = (tmp_path / "runs").iterdir()
+    assert json.loads((run_dir / "run.json").read_text())["code"] == record["code"]
+
+    other_code = {**record["code"], "commit": "0" * 40, "source_hash": "feedfacefeedface"}
+    monkeypatch.setattr(study, "code_identity", lambda: other_code)
+    with pytest.raises(study.StudyConfigError, match=f"{run_dir.name}: made by commit {record['code']['commit'][:10]}"):
+        compare_run.compare(["mqa*1"], "smoke", tmp_path, progress=False, echo=lambda _: None)
+
+    lines = []
+    reused = compare_run.compare(["mqa*1"], "smoke", tmp_path, progress=False, stale="reuse", echo=lines.append)
+    assert reused.records[0]["stale"] and "STALE" in lines[0] and "[stale]" in reused.files["results.md"].read_text()
+    assert reused.records[0]["metrics"] == record["metrics"]
+
+    retrained = compare_run.compare(["mqa*1"], "smoke", tmp_path, progress=False, stale="retrain",
+                                    echo=lambda _: None)
+    assert retrained.records[0]["code"] == other_code and "stale" not in retrained.records[0]
+    [moved] = (tmp_path / study.STALE_RUNS_DIR).iterdir()  # the old run is kept aside, not deleted
+    assert moved.name.startswith(run_dir.name) and json.loads((moved / "result.json").read_text()) == record
 
 
 def test_frontier_plot_joins_the_pareto_optimal_plans():
@@ -116,9 +145,15 @@ def test_mqar_sweep_smoke_caches_cells(tmp_path, capsys, fast_compile):
     assert [(row["mixer"], row["plan"], row["seq_len"]) for row in rows] == [("based", "based[mlp=none]*1", 16)]
     assert all(0 <= row["accuracy"] <= 1 and math.isfinite(row["val_loss"]) for row in rows)
     assert (tmp_path / "mqar_recall.png").stat().st_size > 0
+    assert all(row["code"] == code_identity() for row in rows)
     capsys.readouterr()
     assert mqar_recall.main(argv) == rows
     assert capsys.readouterr().out.count("reused") == len(rows)
+    with pytest.MonkeyPatch.context() as patch:  # cells cached by other code are not reused silently
+        patch.setattr(mqar_recall, "code_identity", lambda: {**rows[0]["code"], "source_hash": "other"})
+        with pytest.raises(SystemExit):
+            mqar_recall.main(argv)
+        assert "made by other code" in capsys.readouterr().err
 
 
 def test_mqar_bad_plan_fails_before_training(tmp_path, capsys):

@@ -1,7 +1,9 @@
 """Run directories and checkpoints: a thin wrapper over Orbax's V0 `CheckpointManager`.
 
 A run directory holds
-    run.json         the run's full configuration (model, training, data fingerprint, tokenizer)
+    run.json         the run's full configuration (model, training, data fingerprint, tokenizer) and the code that
+                     made it (commit, dirty flag, source hash, versions; `resumed_by` lists other code that
+                     continued it)
     checkpoints/<step>/{state, meta}   params + optimizer state (+ "rest", the model's non-parameter state, such as
                      k-means centroids, when it has any) (Orbax), and {step, seed, data position} (JSON)
     metrics.jsonl, loss.png, sample.txt, tokenizer files   written by the trainer / CLI
@@ -16,12 +18,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from attnzoo.provenance import describe, same_code
 from attnzoo.train.sharding import is_primary_process, sync_processes
 
 RUN_CONFIG_FILE = "run.json"
@@ -62,8 +66,13 @@ def _json_roundtrip(config: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(config))
 
 
+CODE_KEYS = ("code", "resumed_by")  # which code made / continued the run: recorded, never a reason to refuse
+
+
 def resume_differences(saved: dict[str, Any], requested: dict[str, Any]) -> list[str]:
-    """`config_differences`, except that more `train.steps` than saved is no difference: it extends the run."""
+    """`config_differences` of the settings (not the code identity), except that more `train.steps` than saved is
+    no difference: it extends the run."""
+    saved, requested = ({k: v for k, v in c.items() if k not in CODE_KEYS} for c in (saved, requested))
     saved_steps = saved.get("train", {}).get("steps")
     requested_steps = requested.get("train", {}).get("steps")
     if isinstance(saved_steps, int) and isinstance(requested_steps, int) and requested_steps > saved_steps:
@@ -132,8 +141,14 @@ def prepare_run_dir(run_dir: str | Path, run_config: dict[str, Any], resume: boo
                 + "\n  ".join(differences)
                 + "\nrerun with the saved settings, or start a fresh run in another --run-dir")
         sync_processes("attnzoo: run config checked")
-        if is_primary_process() and config_differences(saved, run_config):  # extended: record the new steps
-            write_run_config(run_dir, run_config)
+        updated = {**saved, **{k: v for k, v in run_config.items() if k not in CODE_KEYS}}
+        code = run_config.get("code")
+        if code is not None and not same_code(saved.get("code"), code):
+            warnings.warn(f"--resume: {run_dir} was started by {describe(saved.get('code'))} and continues with "
+                          f"{describe(code)}; run.json records both (resumed_by)", stacklevel=2)
+            updated["resumed_by"] = [*saved.get("resumed_by", []), code]
+        if is_primary_process() and _json_roundtrip(updated) != saved:  # extended, or continued by other code
+            write_run_config(run_dir, updated)
         return run_dir
     ensure_no_run(run_dir)
     sync_processes("attnzoo: run dir checked")

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from attnzoo.data.dataset import IGNORE_INDEX
 from attnzoo.generate import generate
+from attnzoo.provenance import code_identity
 from attnzoo.train.checkpoint import Checkpointer, discard_run_dir, has_checkpoint, prepare_run_dir
 from attnzoo.train.optim import TrainConfig, applied_updates, current_learning_rate, make_optimizer
 from attnzoo.train.sharding import Placement, is_primary_process, uses_preemption_service
@@ -500,9 +501,11 @@ class Trainer:
 
 
 def run_config(model_config, train_config: TrainConfig, data: dict[str, Any], tokenizer) -> dict[str, Any]:
-    """What run.json holds and what `--resume` compares: the model, training, data and tokenizer identity."""
+    """What run.json holds: the model, training, data and tokenizer identity (what `--resume` compares) and the
+    code making the run (recorded; a resume by other code is noted, not refused)."""
     return {"model": model_config.to_dict(), "train": train_config.to_dict(), "data": data,
-            "tokenizer": {"kind": tokenizer.kind, "identity": tokenizer.identity, "vocab_size": tokenizer.vocab_size}}
+            "tokenizer": {"kind": tokenizer.kind, "identity": tokenizer.identity, "vocab_size": tokenizer.vocab_size},
+            "code": code_identity()}
 
 
 def train(model: nnx.Module, config: TrainConfig, dataset, run_dir: str | Path, *, data: dict[str, Any],

@@ -33,7 +33,7 @@ from attnzoo.data import ByteTokenizer, load_corpus  # noqa: E402
 from attnzoo.train import TrainConfig  # noqa: E402
 from experiments.compare.config import SCALES  # noqa: E402
 from experiments.study import (RUNS_DIR, Scale, Study, StudyConfigError, StudyResults, Variant,  # noqa: E402
-                               cache_dir, run_command, run_study)
+                               add_stale_argument, cache_dir, run_command, run_study)
 
 DEFAULT_OUT = Path("runs") / "compare"
 # The KV-cache frontier of the attention zoo: full heads, grouped, one kv head, latent, compressed convolutional.
@@ -125,7 +125,7 @@ def compare(variants: Sequence[Variant | str], scale_name: str, out: str | Path 
             data: str | tuple[str, ...] = "stdlib", seeds: Sequence[int] | None = None,
             groups: Mapping[str, str] | None = None,
             reports: Mapping[str, Callable] | None = None, plots: bool = True, progress: bool = True,
-            echo: Callable[[str], None] = print) -> StudyResults:
+            stale: str = "error", echo: Callable[[str], None] = print) -> StudyResults:
     """Train (or reuse from `out`) every variant (a Variant or a plan string) at scale `scale_name` (one of
     SCALES, or any name with `scale` given), then write results.csv / results.md / frontier.png /
     loss_curves.png for these variants into `out`. cache: the directory whose runs/ holds the runs (default
@@ -133,6 +133,7 @@ def compare(variants: Sequence[Variant | str], scale_name: str, out: str | Path 
 
     groups: variant name -> family, for the plots' colours. reports: more reports, as experiments.study.run_study
     takes them (their rows' "variant" is the run directory's <plan>-<digest>); plots=False: only those.
+    stale: a cached run made by other code, as experiments.study.run_study takes it.
     Raises StudyConfigError for a bad plan or setting before anything is trained, RunDirError when a run
     directory holds other settings.
     """
@@ -145,7 +146,7 @@ def compare(variants: Sequence[Variant | str], scale_name: str, out: str | Path 
     out = Path(out)
     if cache is not None:
         share_runs(out, Path(cache))
-    return run_study(study, scale_name, out, seeds=seeds, progress=progress, echo=echo,
+    return run_study(study, scale_name, out, seeds=seeds, progress=progress, echo=echo, stale=stale,
                      reports={**(reports_for(out, keyed_groups) if plots else {}), **(reports or {})})
 
 
@@ -180,6 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                               f"given (default {DEFAULT_OUT})")
     parser.add_argument("--cache", help="keep the runs in CACHE/runs instead (OUT/runs links there)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar while training")
+    add_stale_argument(parser)
     args = parser.parse_args(argv)
     if args.labels and len(args.labels) != len(args.plans):
         parser.error(f"--labels: give one label per plan ({len(args.plans)}), got {len(args.labels)}")
@@ -197,7 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     scale_name = args.scale + (" (with --model / --train changes)" if args.model or args.train else "")
     return run_command(parser, Path(args.out), lambda: compare(variants, scale_name, args.out, cache=args.cache,
                                                                scale=scale, data=data, seeds=args.seeds,
-                                                               progress=not args.no_progress))
+                                                               progress=not args.no_progress,
+                                                               stale=args.stale))
 
 
 if __name__ == "__main__":

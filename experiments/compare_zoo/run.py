@@ -25,7 +25,8 @@ from attnzoo.data import ByteTokenizer  # noqa: E402
 from attnzoo.train import RunDirError  # noqa: E402
 from experiments.compare.run import DEFAULT_OUT, compare  # noqa: E402
 from experiments.compare_zoo.config import FAMILIES, FAMILY_OF, STUDY, zoo_variants  # noqa: E402
-from experiments.study import StudyConfigError, StudyResults, markdown_table, run_command  # noqa: E402
+from experiments.study import (StudyConfigError, StudyResults, add_stale_argument, markdown_table,  # noqa: E402
+                               run_command)
 
 FAMILY_TABLE = "zoo_by_family.md"
 
@@ -85,6 +86,7 @@ def main(argv=None) -> int:
     parser.add_argument("--families", nargs="+", help=f"only these families ({', '.join(FAMILIES)})")
     parser.add_argument("--exclude", nargs="+", default=[], help="leave out these variants (config.py names)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar while training")
+    add_stale_argument(parser)
     args = parser.parse_args(argv)
     import matplotlib
 
@@ -92,7 +94,8 @@ def main(argv=None) -> int:
     zoo_variants(echo=print)  # say which declared variants this checkout cannot run
     return run_command(parser, Path(args.cache), lambda: run(args.scale, args.out, cache=args.cache,
                                                              families=args.families, exclude=args.exclude,
-                                                             seeds=args.seeds, progress=not args.no_progress))
+                                                             seeds=args.seeds, progress=not args.no_progress,
+                                                             stale=args.stale))
 
 
 if __name__ == "__main__":
