@@ -89,7 +89,7 @@ def make_options(owner: str, options_cls: type, given: Mapping[str, Any], defaul
     hints = typing.get_type_hints(options_cls)
     values = {**defaults, **given}
     for key, value in values.items():
-        problem = _type_problem(value, hints[key])
+        problem = type_problem(value, hints[key])
         if problem:
             raise ValueError(f"{owner}: option {key}={value!r} {problem}")
     try:
@@ -107,7 +107,7 @@ def _discover() -> None:
             _IMPORTED.add(module.name)
 
 
-def _type_problem(value: Any, hint: Any) -> str | None:
+def type_problem(value: Any, hint: Any) -> str | None:
     """Why `value` does not fit the annotation `hint` (None if it does). Plan values are bool/int/float/str/None."""
     forms = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     if any(_fits(value, form) for form in forms):

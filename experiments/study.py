@@ -29,7 +29,8 @@ from attnzoo.data import ByteTokenizer, TokenDataset, unigram_entropy
 from attnzoo.data.corpus import load_corpus
 from attnzoo.provenance import code_identity, describe, same_code
 from attnzoo.train import ConfigMismatchError, RunDirError, TrainConfig, train
-from attnzoo.train.checkpoint import CHECKPOINT_DIR, RUN_CONFIG_FILE
+from attnzoo.train.checkpoint import CHECKPOINT_DIR, RUN_CONFIG_FILE, read_run_config, resume_differences
+from attnzoo.train.trainer import run_config
 
 RUNS_DIR = "runs"
 STALE_RUNS_DIR = "runs-stale"  # finished runs made by other code, moved aside by --stale retrain
@@ -227,10 +228,8 @@ def run_study(study: Study, scale: str, out: str | os.PathLike, *, seeds: Sequen
                  .summary(training.seq_len) for name, config in model_configs.items()}
 
     out = Path(out)
-    try:  # a data source matching no files, or a split shorter than seq_len, is a declaration error too
+    try:  # a data source matching no files is a declaration error too
         corpus = load_corpus(study.data if data is None else data, cache_dir(out))
-        dataset = TokenDataset.build(corpus, tokenizer, cache_dir(out))
-        dataset.check_seq_len(training.seq_len)
     except ValueError as error:
         raise StudyConfigError(f"study {study.name}, scale {scale}: {error}") from None
     data = {"name": corpus.name, "fingerprint": corpus.fingerprint, "tokenizer": tokenizer.identity}
@@ -250,6 +249,12 @@ def run_study(study: Study, scale: str, out: str | os.PathLike, *, seeds: Sequen
                                f"this ({describe(code)}):\n  " + "\n  ".join(stale_runs) + "\npass --stale retrain "
                                f"to train them again (the old ones move to {STALE_RUNS_DIR}/) or --stale reuse to "
                                f"keep their numbers, marked stale")
+    _check_resumable(grid, model_configs, data, tokenizer)
+    try:  # a split shorter than seq_len is a declaration error too; tokenizing is the first real work
+        dataset = TokenDataset.build(corpus, tokenizer, cache_dir(out))
+        dataset.check_seq_len(training.seq_len)
+    except ValueError as error:
+        raise StudyConfigError(f"study {study.name}, scale {scale}: {error}") from None
     records = []
     for number, (variant, run_training, run_dir, request, record) in enumerate(grid, 1):
         model_config, summary, seed = model_configs[variant.name], summaries[variant.name], run_training.seed
@@ -294,6 +299,20 @@ def run_study(study: Study, scale: str, out: str | os.PathLike, *, seeds: Sequen
                f"tokens on {corpus.name}; unigram entropy {unigram_entropy(dataset, 'val'):.2f} nats/token; "
                f"{runs_code(records)}")
     return write_results(aggregate(records), records, out, caption, reports or {})
+
+
+def _check_resumable(grid, model_configs, data, tokenizer) -> None:
+    """Before any work: every unfinished run directory holding a run must hold one of these settings (it is
+    resumed), else a RunDirError naming each differing field."""
+    for variant, run_training, run_dir, _, record in grid:
+        if record is not None or not (run_dir / RUN_CONFIG_FILE).exists():
+            continue
+        requested = run_config(model_configs[variant.name],
+                               run_training.replace(schedule_steps=run_training.schedule_length), data, tokenizer)
+        differences = resume_differences(read_run_config(run_dir), requested)
+        if differences:
+            raise RunDirError(f"{run_dir} holds an unfinished run with other settings than this study asks for; "
+                              f"choose another output directory or remove that run:\n  " + "\n  ".join(differences))
 
 
 def _move_aside(run_dir: Path, stale_dir: Path) -> None:
@@ -400,10 +419,12 @@ def scatter_metric(ax, rows: Sequence[Mapping[str, Any]], x: str, metric: str = 
 
 
 def main(study: Study, argv: Sequence[str] | None = None, *, reports: Mapping[str, ReportFn] | None = None,
-         evaluate_run: EvaluateFn | None = None, description: str | None = None) -> int:
-    """The command line of a study's run.py: --scale, --out, --seeds, --data, --no-progress."""
+         evaluate_run: EvaluateFn | None = None, description: str | None = None,
+         parents: Sequence[argparse.ArgumentParser] = ()) -> int:
+    """The command line of a study's run.py: --scale, --out, --seeds, --data, --stale, --no-progress; `parents`:
+    the study's own arguments (parsed before, to choose the study), so that --help lists them too."""
     parser = argparse.ArgumentParser(prog=f"experiments/{study.name}/run.py", description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, parents=list(parents))
     parser.add_argument("--scale", required=True, choices=list(study.scales), help="the study's size")
     parser.add_argument("--out", help=f"output directory (default {RUNS_DIR}/{study.name}-<scale>); rerunning "
                                       "into it reuses finished runs and resumes interrupted ones")

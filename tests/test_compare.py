@@ -115,11 +115,28 @@ def test_frontier_plot_joins_the_pareto_optimal_plans():
 def test_command_line_errors_name_the_problem_before_anything_is_written(tmp_path, capsys):
     out = tmp_path / "out"
     for argv, expected in ((["--plans", "gqa(windw=3)*2"], "windw"), (["--train", "stepz=3"], "no field stepz"),
-                           (["--model", "d_model"], "not KEY=VALUE")):
+                           (["--model", "d_model"], "not KEY=VALUE"),
+                           (["--train", "steps=abc"], "steps='abc' must be an integer"),
+                           (["--plans", "gqa*4", "--model", "n_layers=6"], "n_layers=6: a comparison takes each "
+                                                                             "plan's own layer count ('gqa*4' has 4)")):
         with pytest.raises(SystemExit) as exit_info:
             compare_run.main(["--scale", "smoke", "--out", str(out), *argv])
         assert exit_info.value.code == 2 and expected in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_an_unfinished_run_with_other_settings_fails_before_tokenizing(tmp_path, monkeypatch):
+    study_ = compare_run.keyed_study("t", [Variant("gqa", "gqa*1")], "smoke", SCALES["smoke"], out=tmp_path)
+    run_dir = tmp_path / study.RUNS_DIR / f"{study_.variants[0].name}-s0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text(json.dumps({"model": {"plan": "mqa"}, "train": {}, "data": {}}))
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("tokenized before the settings were checked")
+
+    monkeypatch.setattr(study.TokenDataset, "build", no_tokenizing)
+    with pytest.raises(study.RunDirError, match="model.plan: saved 'mqa', requested 'gqa'"):
+        study.run_study(study_, "smoke", tmp_path, progress=False, echo=lambda _: None)
 
 
 def test_zoo_lists_every_family_and_every_registered_mixer():

@@ -113,3 +113,11 @@ def test_kjv_corpus(tmp_path):
     assert train.startswith("Genesis\n\nIn the beginning God created the heaven and the earth.\n")
     assert val.rstrip().endswith("The grace of our Lord Jesus Christ be with you all. Amen.")
     assert load_corpus("kjv", tmp_path).fingerprint == corpus.fingerprint  # deterministic
+
+
+def test_help_lists_the_grid_option_with_the_study_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run.main(["--help"])
+    assert exit_info.value.code == 0
+    shown = capsys.readouterr().out
+    assert "--grid {main,layouts}" in shown and "--scale" in shown and "--stale" in shown

@@ -22,6 +22,7 @@ import hashlib
 import json
 import re
 import sys
+import typing
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -29,6 +30,7 @@ if not __package__:  # run as a file: import `experiments` from this checkout (i
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from attnzoo import parse_plan  # noqa: E402
+from attnzoo.registry import type_problem  # noqa: E402
 from attnzoo.data import ByteTokenizer, load_corpus  # noqa: E402
 from attnzoo.train import TrainConfig  # noqa: E402
 from experiments.compare.config import SCALES  # noqa: E402
@@ -55,6 +57,11 @@ def with_overrides(scale: Scale, model: Mapping[str, Any] | None = None,
     unknown = sorted(set(training or {}) - set(allowed))
     if unknown:
         raise StudyConfigError(f"--train: TrainConfig has no field {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+    hints = typing.get_type_hints(TrainConfig)
+    for key, value in (training or {}).items():
+        problem = type_problem(value, hints[key])
+        if problem:
+            raise StudyConfigError(f"--train: {key}={value!r} {problem}")
     try:
         new_training = scale.training.replace(**(training or {}))
     except ValueError as error:
@@ -78,6 +85,11 @@ def keyed_study(name: str, variants: Sequence[Variant], scale_name: str, scale: 
     command, compare_zoo, the notebooks) reuses the others' runs of the same plan and settings."""
     sized = [dataclasses.replace(variant, model={"n_layers": _layer_count(variant), **variant.model})
              for variant in variants]
+    layers = scale.model.get("n_layers")
+    if layers is not None and any(variant.model["n_layers"] != layers for variant in sized):
+        mismatched = ", ".join(f"{v.plan!r} has {v.model['n_layers']}" for v in sized if v.model["n_layers"] != layers)
+        raise StudyConfigError(f"model field n_layers={layers}: a comparison takes each plan's own layer count "
+                               f"({mismatched}); write the plans with {layers} layers instead")
     study = Study(name=name, variants=tuple(sized), scales={scale_name: scale}, data=data)
     study.check(ByteTokenizer().vocab_size)  # every plan's config, before any digest or data
     identity = data_identity(data, Path(out or DEFAULT_OUT))

@@ -218,8 +218,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--grid", choices=list(GRIDS), default="main",
                         help="main: variants x {uniform, hybrid}; layouts: Table 11's nine layouts")
-    args, rest = parser.parse_known_args(argv)
-    return study_main(GRIDS[args.grid], rest, reports=REPORTS, evaluate_run=evaluate_run, description=__doc__)
+    args, _ = parser.parse_known_args(argv)
+    return study_main(GRIDS[args.grid], argv, reports=REPORTS, evaluate_run=evaluate_run, description=__doc__,
+                      parents=[parser])
 
 
 if __name__ == "__main__":
