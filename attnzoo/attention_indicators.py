@@ -4,7 +4,9 @@
 For a causal map A (rows i, keys j <= i; o = A v) and its pre-softmax logits, averaged over batch and heads:
 
     sink_share   mean_i A[i, 0]
-    entropy      mean_i -sum_j A_ij log A_ij            (nats; positive maps only, else None)
+    entropy      mean_i -sum_j P_ij log P_ij, P_ij = A_ij / sum_j A_ij   (nats, <= ln T; non-negative maps
+                 only, else None: a map that is not a softmax, e.g. Approx.'s, is normalised per row first, so
+                 the value stays the entropy of a distribution over the visible keys)
     conc         mean ||A||_F
     head_div     mean over the T (T + 1) / 2 causal (i, j) of the standard deviation of A_ij across heads
     locfoc_N     mean_i A[i, i - N] over the rows that have one, N = 0..3
@@ -46,7 +48,9 @@ def map_indicators(a_BHTS, logits_BHTS) -> dict[str, float | None]:
     a_BHTS = a_BHTS.astype(jnp.float32)
     causal_TS = jnp.tril(jnp.ones((t, t), bool))
     positive = bool(jnp.all(a_BHTS >= 0))
-    plogp = jnp.where(a_BHTS > 0, a_BHTS * jnp.log(jnp.where(a_BHTS > 0, a_BHTS, 1.0)), 0.0)
+    row_sums = jnp.sum(a_BHTS, axis=-1, keepdims=True)
+    p_BHTS = a_BHTS / jnp.where(row_sums > 0, row_sums, 1.0)
+    plogp = jnp.where(p_BHTS > 0, p_BHTS * jnp.log(jnp.where(p_BHTS > 0, p_BHTS, 1.0)), 0.0)
     out = {"sink_share": jnp.mean(a_BHTS[..., 0]),
            "entropy": -jnp.mean(plogp.sum(-1)) if positive else None,
            "conc": jnp.mean(jnp.sqrt(jnp.sum(a_BHTS**2, axis=(-2, -1)))),

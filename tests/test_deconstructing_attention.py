@@ -57,6 +57,10 @@ def test_indicators_of_a_known_map():
     assert found["head_div"] == pytest.approx(std[np.tril_indices(t)].mean(), rel=1e-6)
     assert found["max_logit"] == pytest.approx(7.0)
     assert map_indicators(-a, a)["entropy"] is None  # not a distribution
+    # An unnormalised non-negative map (Approx.'s weights are not a softmax): the entropy of its row-normalised
+    # form, never above ln T (a raw -sum A log A of weights summing to 30 would be far above it).
+    scaled = map_indicators(30 * a, a)
+    assert scaled["entropy"] == pytest.approx(found["entropy"], rel=1e-6) and scaled["entropy"] <= np.log(t)
 
 
 def test_reports_lay_out_tables_1_and_4_beside_the_paper():

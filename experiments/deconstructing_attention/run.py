@@ -196,7 +196,7 @@ def plot_indicators(rows, caption: str):
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=6)
-    fig.suptitle(caption + "\n(no point: the layer has no map, e.g. MLP; entropy only for non-negative maps)",
+    fig.suptitle(caption + "\n(no point: the layer has no map, e.g. MLP; entropy of the row-normalised map, non-negative maps only)",
                  fontsize=8)
     fig.tight_layout()
     return fig
