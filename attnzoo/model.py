@@ -191,7 +191,7 @@ class Summary:
     """Parameters per component (shared ones counted once), decode-cache bytes and forward FLOPs per token.
 
     FLOPs count 2 per multiply-add, with causal attention at the average context (halved), the convention of
-    FlashAttention and of shared/anchors' MFU figures (6N + causal-halved attention); PaLM counts it whole."""
+    FlashAttention and of the peer MFU figures in BENCHMARKS.md (6N + causal-halved attention); PaLM counts it whole."""
 
     rows: tuple[tuple[str, int], ...]
     total_params: int
@@ -206,7 +206,7 @@ class Summary:
                   f"KV-cache bytes / token: {self.kv_cache_bytes_per_token:,}",
                   f"forward FLOPs / token (seq {self.seq_len}): {self.flops_per_token:,}",
                   "  (2 per multiply-add; causal attention counted at the average context, i.e. halved, as in the "
-                  "FlashAttention and shared/anchors MFU convention; PaLM's MFU counts it whole)"]
+                  "FlashAttention and BENCHMARKS.md peer MFU convention; PaLM's MFU counts it whole)"]
         return "\n".join(lines)
 
     __str__ = table

@@ -19,16 +19,16 @@ gradients, f32 block-sparse XLA reference) on its batch 0, first kv head and las
 Chunked linear attention (`linear` part, chunk 64): pallas_kernels.chunked_linear_attention(implementation="triton")
 (`attnzoo_triton`; `_bf16`: on bf16 copies of float32 inputs) and "xla" on float32 inputs (`attnzoo_xla_f32`, the
 float32 chunked reference), forward and forward+backward (value_and_grad of sum(o * dO) over q, k, v, log_decay), at
-  * the anchors' selective-scan shape B4 L2048 D2048 N16 fp32, mapped onto SSD: D = 32 heads x P 64 channels, one
+  * the peers' selective-scan shape B4 L2048 D2048 N16 fp32, mapped onto SSD: D = 32 heads x P 64 channels, one
     group of B, C (N = 16) as k, q, v = x * dt, log decay dt * A_h with one A per head (Mamba-2's scalar decay;
-    the anchors' Mamba-1 scan has one A per channel and state dimension, which the kernel does not take), against
+    the peers' Mamba-1 scan has one A per channel and state dimension, which the kernel does not take), against
     `lax.associative_scan` of the same recurrence (every token's [H, N, P] f32 state materialised, as the anchor
     does) and a sequential `lax.scan`;
   * a length sweep at 64k tokens per batch (B64 x T1k, B16 x T4k, B4 x T16k, B1 x T64k), Mamba-2 heads (H32, P64,
     N128, one group, bf16), against dense causal flash attention at the same B, T, 32 heads of width 64
     (`flash_attnzoo_triton`, `flash_cudnn`): tokens/s, the kernel's flatness min / max tokens/s over the sweep;
   * Lightning / RetNet heads B4 T8192 H16 E128 F128 bf16 (log decay log(1 - 2^(-5-h))), same baselines;
-  * the anchors' Mamba-1 scan itself (one value head per channel, F = 1, per-key decays [B, T, 2048, 16]):
+  * the peers' Mamba-1 scan itself (one value head per channel, F = 1, per-key decays [B, T, 2048, 16]):
     associative_scan and sequential scan, to calibrate this run against the anchor's 2.33 ms / 32.1 ms.
 Every linear implementation is checked first against the case's reference on float32 inputs (the xla row; the
 sequential scan for the Mamba-1 case): output and the four gradients, 2e-2 / 5e-2 (log_decay's gradient, a reverse
@@ -43,8 +43,8 @@ and all three gradients; decode: the whole output) by ||out - ref|| / ||ref||; a
 Timing: compile, one warm call, then the median over `--reps` repetitions of `iters` back-to-back calls, each
 repetition closed by block_until_ready. `--budget-s` caps the run; each case gets an equal share of what is left.
 FLOPs: forward 2*B*Hq*S^2*(Dqk + Dv), halved when causal (= 4*B*S^2*H*D when Dqk == Dv, the FA convention of
-shared/anchors); forward+backward 3.5x that. Decode: GB/s over the K + V bytes below the lengths, and % of the
-4.2 TB/s device-to-device copy ceiling measured in the anchors (also re-measured in this run).
+the peer numbers in BENCHMARKS.md); forward+backward 3.5x that. Decode: GB/s over the K + V bytes below the lengths, and % of the
+4.2 TB/s device-to-device copy ceiling measured in the peer run (BENCHMARKS.md) (also re-measured in this run).
 
 GPU:   python experiments/bench_kernels.py --out $OUT/bench.json          (~6.5 min budget, see --budget-s)
 CPU:   python experiments/bench_kernels.py --smoke --out /tmp/bench.json  (tiny shapes, interpret mode)
@@ -71,7 +71,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)  # Triton backend and ops.gpu deprecations
 
-COPY_CEILING_TBPS = 4.20  # shared/anchors/README.md, H200 device-to-device copy (bytes read + written)
+COPY_CEILING_TBPS = 4.20  # BENCHMARKS.md peer numbers: H200 device-to-device copy (bytes read + written)
 FWD_TOL, GRAD_TOL = 2e-2, 5e-2  # relative L2 error for bf16 operands (expected 1e-3 .. 1e-2)
 # d log_decay of chunked linear attention is a reverse cumsum over the whole sequence of q·dq - k·dk, terms that
 # cancel, so the bf16 rounding inside dq, dk accumulates with T (interpret mode, bf16, Mamba-2 decays, H2 E128 F64:
@@ -180,7 +180,7 @@ class LinearCase:
     and the implementations to time, in priority order (the reference among them: it is timed on float32 inputs).
 
     decay: "ssd" (Mamba-2: dt = softplus(N(0, 1)) per token and head, A_h = -exp(N(0, 1)), log decay dt * A_h,
-    v = x * dt), "mamba1" (the anchors' Mamba-1 scan: dt per channel h, A per channel and state dimension, so the
+    v = x * dt), "mamba1" (the peers' Mamba-1 scan: dt per channel h, A per channel and state dimension, so the
     log decay is [B, T, H, E], per key dimension; v = x * dt) or "retnet" (constant log(1 - 2^(-5-h)) per head)."""
     name: str
     b: int
@@ -226,8 +226,8 @@ _DENSE_IMPLS = ("attnzoo_triton", "flash_attnzoo_triton", "flash_cudnn", "attnzo
 
 
 def _linear_cases(smoke: bool) -> list[LinearCase]:
-    """The anchors' selective-scan shape mapped onto SSD, the length sweep at fixed tokens per batch (Mamba-2
-    heads), Lightning / RetNet heads, and the anchors' Mamba-1 scan itself (the calibration of this run's timing
+    """The peers' selective-scan shape mapped onto SSD, the length sweep at fixed tokens per batch (Mamba-2
+    heads), Lightning / RetNet heads, and the peers' Mamba-1 scan itself (the calibration of this run's timing
     against the anchor's 2.33 ms / 32.1 ms)."""
     # Anchor B4 L2048 D2048 N16 (fp32): D = H x P = 32 x 64 channels, one group of B, C with N = 16.
     b, t, h, p, n = (1, 128, 2, 16, 16) if smoke else (4, 2048, 32, 64, 16)
@@ -241,7 +241,7 @@ def _linear_cases(smoke: bool) -> list[LinearCase]:
     b, t, h, e = (1, 128, 2, 64) if smoke else (4, 8192, 16, 128)
     cases.append(LinearCase(f"linear_lightning_b{b}_t{_length_label(t)}_h{h}_e{e}_f{e}_bf16", b, t, h, h, e, e,
                             "bfloat16", "retnet", _DENSE_IMPLS, "attnzoo_xla_f32", essential=1))
-    # The anchors' own recurrence: one value head per channel (F = 1) and the state dimension as E.
+    # The peers' own recurrence: one value head per channel (F = 1) and the state dimension as E.
     b, t, d, n = (1, 128, 8, 4) if smoke else (4, 2048, 2048, 16)
     cases.append(LinearCase(f"linear_anchor_mamba1_b{b}_l{t}_d{d}_n{n}_f32", b, t, 1, d, n, 1, "float32", "mamba1",
                             ("associative_scan", "sequential_scan", "attnzoo_triton", "attnzoo_xla_f32"),
@@ -380,7 +380,7 @@ def dense_causal_flash(implementation: str, smoke: bool) -> Callable:
 
 
 def associative_scan_linear(q_BTKE, k_BTKE, v_BTHF, log_decay):
-    """The chunked op's recurrence through `lax.associative_scan` over (decay, kᵀ v) pairs, as the anchors' Mamba
+    """The chunked op's recurrence through `lax.associative_scan` over (decay, kᵀ v) pairs, as the peers' Mamba
     baseline does: every token's float32 state [B, T, H, E, F] is materialised (log_decay [B, T, H] or, per key
     dimension, [B, T, H, E]; q/k head h // (H / K) serves value head h, broadcast, never repeated in HBM)."""
     b, t, kh, e = q_BTKE.shape
@@ -402,7 +402,7 @@ def associative_scan_linear(q_BTKE, k_BTKE, v_BTHF, log_decay):
 
 def sequential_scan_linear(q_BTKE, k_BTKE, v_BTHF, log_decay):
     """The same recurrence one token at a time (`lax.scan`, float32 state [B, H, E, F], HIGHEST precision): the
-    anchors' sequential baseline, and the reference where no chunked implementation takes the case."""
+    peers' sequential baseline, and the reference where no chunked implementation takes the case."""
     b, t, kh, e = q_BTKE.shape
     h, f = v_BTHF.shape[2:]
     g = h // kh
@@ -816,7 +816,7 @@ def linear_summary(rows: list[dict]) -> dict:
     """The goals of the linear part from its rows: the kernel's forward+backward speedup over associative_scan at
     the anchor shape (goal >= 5x), the flatness of its tokens/s over the length sweep (min / max, goal >= 0.85, i.e.
     within 15%), its speedup over dense causal flash attention per length (goal > 1 from 4k tokens up), and this
-    run's anchor-recurrence timings beside the anchors' 2.33 ms / 32.1 ms."""
+    run's peer-recurrence timings beside the peers' 2.33 ms / 32.1 ms."""
     linear_rows = [r for r in rows if r["part"] == "linear"]
 
     def get(case_prefix, impl, key):
@@ -993,7 +993,7 @@ def linear_report(rows: list[dict]) -> list[str]:
                  f"{_fmt(speedups['fwd_x_associative_scan'], '.2f')}x, fwd+bwd "
                  f"{_fmt(speedups['fwdbwd_x_associative_scan'], '.2f')}x (goal >= 5x)")
     mamba1 = summary["anchor_mamba1_ms"]
-    lines.append(f"anchors' Mamba-1 scan in this run: associative_scan fwd "
+    lines.append(f"peers' Mamba-1 scan in this run: associative_scan fwd "
                  f"{_fmt(mamba1['associative_scan']['fwd'], '.3g')} ms (anchor 2.33), sequential fwd "
                  f"{_fmt(mamba1['sequential_scan']['fwd'], '.3g')} ms (anchor 32.1)")
     for e in summary["sweep"]:

@@ -1,5 +1,5 @@
 """Training-step throughput and model FLOP utilisation of an attnzoo preset beside the plain-JAX GPT-2-small step
-of shared/anchors (409 model TFLOP/s on an H200), measured in one run on one device.
+of the peer numbers in BENCHMARKS.md (409 model TFLOP/s on an H200), measured in one run on one device.
 
     python experiments/bench_train.py                      # gpt2-small, GQA plan, bf16, B16 x S1024 (GPU)
     python experiments/bench_train.py --smoke              # tiny shapes on CPU: checks the script runs
@@ -66,7 +66,7 @@ def attnzoo_step(preset: str, plan: str | None, batch: int, seq: int, dtype: str
 
 
 def plain_jax_gpt2_step(layers: int, d: int, heads: int, vocab: int, seq: int, batch: int, impl: str, n: int):
-    """The anchors' peer: plain-JAX GPT-2 (learned positions, MHA, GELU MLP, tied head), bf16 compute, AdamW."""
+    """The peer: plain-JAX GPT-2 (learned positions, MHA, GELU MLP, tied head), bf16 compute, AdamW."""
     keys = iter(jax.random.split(jax.random.key(3), 8 * layers + 8))
     init = lambda shape: jax.random.normal(next(keys), shape, jnp.float32) * 0.02
     params = dict(wte=init((vocab, d)), wpe=init((seq, d)), lnf=jnp.ones(d), blocks=[dict(
@@ -107,7 +107,7 @@ def plain_jax_gpt2_step(layers: int, d: int, heads: int, vocab: int, seq: int, b
     seconds = timed(one, 2, n)
     n_params = sum(x.size for x in jax.tree.leaves(params)) - seq * d
     flops = 6 * n_params * batch * seq + 6 * layers * batch * seq * seq * d
-    return dict(name="plain-JAX GPT-2-small (anchors peer)", params_m=n_params / 1e6, step_ms=seconds * 1e3,
+    return dict(name="plain-JAX GPT-2-small (peer)", params_m=n_params / 1e6, step_ms=seconds * 1e3,
                 tokens_per_s=batch * seq / seconds, model_tflops=flops / seconds / 1e12)
 
 

@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 DEST=.whl
-# The image has jax 0.11.2, absl-py, jaxtyping, tqdm, protobuf, numpy: only these are missing (shared/anchors).
+# The image has jax 0.11.2, absl-py, jaxtyping, tqdm, protobuf, numpy: only these are missing (see BENCHMARKS.md).
 PACKAGES=(tokamax==0.0.17 einshape pydantic annotated-types typing-inspection qwix immutabledict tensorboardx xprof
           fire termcolor)
 

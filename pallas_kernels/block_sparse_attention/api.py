@@ -4,7 +4,7 @@ shares (`check_block_indices`, `transpose_block_indices`).
 
 Light: imports jax only; the backends (pallas_triton.py, reference.py) are imported on first use.
 
-The index format (routing_sparse.md §0, §3.2): for each batch row b, kv head k and query block i,
+The index format: for each batch row b, kv head k and query block i,
 `kv_block_indices[b, k, i, :kv_block_counts[b, k, i]]` are the kv blocks its queries attend (distinct ids in
 [0, S // block_k); ascending order recommended for locality, the result does not depend on it); entries at or past
 the count are ignored, so pad with any value. The H // K query heads of kv head k share its lists (GQA), and a
