@@ -1,5 +1,5 @@
 """Block-sparse flash attention: softmax attention over per-(batch, kv head, query block) lists of selected key
-blocks (routing_sparse.md §3.2), the shared kernel of the routing mixers (BiFormer-1D, MoBA, NSA selection, Routing
+blocks, the shared kernel of the routing mixers (BiFormer-1D, MoBA, NSA selection, Routing
 Transformer). Implementations (see `pallas_kernels.ops`): pallas_triton.py (+ pallas_triton_bwd.py), reference.py
 (xla); imported on first use. `transpose_block_indices` builds the per-kv-block lists of the dK/dV pass;
 `check_block_indices` validates lists (also under jit, as a flag)."""
