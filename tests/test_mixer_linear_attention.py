@@ -1,5 +1,5 @@
-"""Linear attention (linear_attention / retnet / simple_gla / based) specifics, packed documents included; the
-registry-wide contract is in test_mixer_contract.py."""
+"""Linear attention (linear_attention / retnet / simple_gla / lightning / based) specifics, packed documents
+included; the registry-wide contract is in test_mixer_contract.py."""
 
 from __future__ import annotations
 
@@ -29,6 +29,8 @@ def softplus(x):
 def reference_phi(name, x):
     if name == "elu1":
         return np.where(x > 0, x + 1, np.exp(x))
+    if name == "silu":
+        return x / (1 + np.exp(-x))
     if name == "taylor2":  # Based: [1, x / d^(1/4), x (x) x / sqrt(2 d)]
         d = x.shape[-1]
         outer = np.einsum("...i,...j->...ij", x, x).reshape(*x.shape[:-1], d * d)
@@ -36,9 +38,30 @@ def reference_phi(name, x):
     return x
 
 
-def reference_forward(mixer, x_BTD, *, feature_map, decay, normalize, rope, kv_heads):
-    """o_t = sum_{s<=t} prod_{s<r<=t} gamma_r (phi(q_t).phi(k_s)) v_s, normalised by the same sum without v, or
-    RMSNorm'd per head; quadratic and float64."""
+def reference_log_decay(mixer, x, *, decay, gate_normalizer=1.0, layer_depth=None):
+    """[B, T, H] log decays from the papers' formulas, float64."""
+    b, t, _ = x.shape
+    if decay == "fixed":  # RetNet: gamma_h = 1 - 2^(-5-h)
+        per_head = np.log(1 - 2.0 ** (-5.0 - np.arange(H)))
+    elif decay == "alibi":  # Lightning: lambda_h = exp(-s_h), s_h = 2^(-8h/H) for h = 1..H (H a power of 2)
+        per_head = -(2.0 ** (-8.0 * np.arange(1, H + 1) / H))
+        if layer_depth is not None:  # TransNormerLLM: s_h (1 - l / (L - 1) + 1e-5)
+            per_head = per_head * (1 - layer_depth + 1e-5)
+    elif decay == "learned":
+        per_head = -softplus(np.asarray(mixer.decay_logit[...], np.float64))
+    elif decay == "data":  # FLA: logsigmoid(x W + b) / gate_logit_normalizer
+        z = x @ np.asarray(mixer.decay_proj.kernel[...], np.float64) + np.asarray(mixer.decay_proj.bias[...],
+                                                                                  np.float64)
+        return -softplus(-z) / gate_normalizer
+    else:
+        per_head = np.zeros(H)
+    return np.broadcast_to(per_head, (b, t, H))
+
+
+def reference_forward(mixer, x_BTD, *, feature_map, decay, normalize, rope, kv_heads, output_norm="rms",
+                      output_gate=None, gate_normalizer=1.0, layer_depth=None):
+    """o_t = sum_{s<=t} prod_{s<r<=t} gamma_r (phi(q_t).phi(k_s)) v_s, normalised by the same sum without v, or put
+    through the output norm, then gated; quadratic and float64."""
     def p(module):
         return np.asarray(module.kernel[...], np.float64)
 
@@ -53,26 +76,53 @@ def reference_forward(mixer, x_BTD, *, feature_map, decay, normalize, rope, kv_h
     group = H // kv_heads
     phi_q, phi_k = reference_phi(feature_map, q), np.repeat(reference_phi(feature_map, k), group, axis=2)
     v = np.repeat(v, group, axis=2)
-    if decay == "fixed":
-        log_gamma = np.broadcast_to(np.log(1 - 2.0 ** (-5.0 - np.arange(H))), (b, t, H))
-    elif decay == "learned":
-        log_gamma = np.broadcast_to(-softplus(np.asarray(mixer.decay_logit[...], np.float64)), (b, t, H))
-    elif decay == "data":
-        log_gamma = -softplus(x @ p(mixer.decay_proj) + np.asarray(mixer.decay_proj.bias[...], np.float64))
-    else:
-        log_gamma = np.zeros((b, t, H))
+    log_gamma = reference_log_decay(mixer, x, decay=decay, gate_normalizer=gate_normalizer, layer_depth=layer_depth)
     cum = np.cumsum(log_gamma, axis=1)  # [B, T, H]
     causal = np.tril(np.ones((t, t), bool))
     decay_BHTS = np.where(causal, np.exp(np.moveaxis(cum, 1, 2)[..., :, None] - np.moveaxis(cum, 1, 2)[..., None, :]),
                           0.0)
     weights_BHTS = np.einsum("bthp,bshp->bhts", phi_q, phi_k) * decay_BHTS
     o = np.einsum("bhts,bshf->bthf", weights_BHTS, v)
+    eps = 1e-6  # the test model's norm_eps
     if normalize:
         o = o / (np.einsum("bhts->bth", weights_BHTS)[..., None] + 1e-6)
     else:
         o = o * (1.0 if feature_map == "taylor2" else E**-0.5)
-        o = o / np.sqrt(np.mean(o * o, axis=-1, keepdims=True) + 1e-6) * np.asarray(mixer.out_norm.scale[...])
-    return o.reshape(b, t, -1) @ p(mixer.o_proj)
+        norm = mixer.out_norm
+        if output_norm == "rms":  # per head, one scale shared by the heads (FLA)
+            o = o / np.sqrt(np.mean(o * o, axis=-1, keepdims=True) + eps) * np.asarray(norm.scale[...])
+        elif output_norm == "group":  # GroupNorm, one group per head, affine per channel (RetNet)
+            o = o - o.mean(-1, keepdims=True)
+            o = o / np.sqrt(np.mean(o * o, axis=-1, keepdims=True) + eps)
+            o = o * np.asarray(norm.scale[...]) + np.asarray(norm.bias[...])
+        else:  # SRMSNorm over all heads, no parameters (TransNormerLLM)
+            o = o / np.sqrt(np.mean(o * o, axis=(-2, -1), keepdims=True) + eps)
+    o = o.reshape(b, t, -1)
+    if output_gate is not None:
+        g = x @ p(mixer.g_proj)
+        o = o * {"swish": g / (1 + np.exp(-g)), "sigmoid": 1 / (1 + np.exp(-g)), "identity": g}[output_gate]
+    return o @ p(mixer.o_proj)
+
+
+def randomize_norm(mixer, seed=3):
+    """Output-norm parameters away from their init (ones, zeros), so a comparison checks where they enter."""
+    rng = np.random.default_rng(seed)
+    for name in ("scale", "bias"):
+        param = getattr(mixer.out_norm, name, None)
+        if param is not None:
+            param.value = jnp.asarray(rng.normal(1.0 if name == "scale" else 0.0, 0.5, param.shape), param.dtype)
+
+
+def check_forward(plan, **reference):
+    mixer = one_layer(plan).blocks[0].mixer
+    if mixer.out_norm is not None:
+        randomize_norm(mixer)
+    x_BTD = jnp.asarray(np.random.default_rng(0).normal(size=(2, T, D)), jnp.float32)
+    ctx = ForwardContext("full", jnp.broadcast_to(jnp.arange(T), (2, T)))
+    got = mixer(x_BTD, ctx).y_BTD
+    want = reference_forward(mixer, x_BTD, **reference)
+    assert np.abs(want).max() > 1e-3  # the comparison is not vacuous
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
 
 
 @pytest.mark.parametrize("feature_map, decay, normalize, rope, kv_heads", [
@@ -90,14 +140,33 @@ def test_forward_matches_quadratic_reference(feature_map, decay, normalize, rope
             f"n_kv_heads={kv_heads},chunk_size=16")
     if feature_map == "taylor2":
         opts += ",feature_dim=4"
-    mixer = one_layer(f"linear_attention({opts})").blocks[0].mixer
-    x_BTD = jnp.asarray(np.random.default_rng(0).normal(size=(2, T, D)), jnp.float32)
-    ctx = ForwardContext("full", jnp.broadcast_to(jnp.arange(T), (2, T)))
-    got = mixer(x_BTD, ctx).y_BTD
-    want = reference_forward(mixer, x_BTD, feature_map=feature_map, decay=decay, normalize=normalize, rope=rope,
-                             kv_heads=kv_heads)
-    assert np.abs(want).max() > 1e-3  # the comparison is not vacuous
-    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+    check_forward(f"linear_attention({opts})", feature_map=feature_map, decay=decay, normalize=normalize, rope=rope,
+                  kv_heads=kv_heads)
+
+
+@pytest.mark.parametrize("plan, reference", [
+    # RetNet: Y = GroupNorm_h(retention(X W_Q, X W_K, X W_V), gamma_h, rotated q/k), out = (swish(X W_G) * Y) W_O
+    ("retnet(n_kv_heads=2,chunk_size=16)",
+     dict(feature_map="identity", decay="fixed", rope=True, output_norm="group", output_gate="swish")),
+    # FLA simple_gla: g = logsigmoid(x W_gk + b) / 16, o = RMSNorm_h(o) * swish(x W_g)
+    ("simple_gla(chunk_size=16)",
+     dict(feature_map="identity", decay="data", gate_normalizer=16.0, rope=False, output_norm="rms",
+          output_gate="swish")),
+    # TransNormerLLM / Lightning: silu(q), silu(k), ALiBi-slope decays, o = SRMSNorm(o) * (x W_u)
+    ("lightning(chunk_size=16)",
+     dict(feature_map="silu", decay="alibi", rope=False, output_norm="srms", output_gate="identity")),
+    ("lightning(chunk_size=16,layer_depth=0.5)",
+     dict(feature_map="silu", decay="alibi", layer_depth=0.5, rope=False, output_norm="srms",
+          output_gate="identity")),
+    ("linear_attention(feature_map=silu,decay=data,gate_normalizer=4,normalize=false,output_norm=group,"
+     "output_gate=sigmoid,chunk_size=16)",
+     dict(feature_map="silu", decay="data", gate_normalizer=4.0, rope=False, output_norm="group",
+          output_gate="sigmoid")),
+    ("linear_attention(output_gate=swish,n_kv_heads=1,chunk_size=16)",
+     dict(feature_map="elu1", decay="none", normalize=True, rope=False, kv_heads=1, output_gate="swish")),
+])
+def test_presets_match_their_papers(plan, reference):
+    check_forward(plan, **{"normalize": False, "kv_heads": 2 if "n_kv_heads=2" in plan else H} | reference)
 
 
 def test_taylor2_inner_product_is_second_order_exp():
@@ -117,7 +186,7 @@ def test_taylor2_inner_product_is_second_order_exp():
 
 
 @pytest.mark.parametrize("plan", ["linear_attention", "linear_attention(decay=learned,n_kv_heads=2)", "simple_gla",
-                                  "retnet(n_kv_heads=1)", "based(feature_dim=4)"])
+                                  "retnet(n_kv_heads=1)", "lightning", "based(feature_dim=4)"])
 def test_summary_matches_closed_form(plan):
     layers, vocab, mlp, seq = 2, 97, 64, 32
     cfg = ModelConfig(vocab_size=vocab, d_model=D, n_layers=layers, n_heads=H, mlp_hidden=mlp,
@@ -128,20 +197,28 @@ def test_summary_matches_closed_form(plan):
     phi = 1 + 4 + 16 if plan.startswith("based") else E  # feature width
     normalized = plan.startswith(("linear_attention", "based"))
     data_decay = plan == "simple_gla"
+    gated = plan.startswith(("simple_gla", "retnet", "lightning"))  # W_g [D, H E]
+    norm_params = {"retnet": 2 * H * E, "simple_gla": E, "lightning": 0}.get(plan.split("(")[0], 0)
     projections = D * H * qk + D * kv * qk + D * kv * E + H * E * D
     mixer_params = (projections + (D * H + H if data_decay else 0) + (H if "learned" in plan else 0)
-                    + (0 if normalized else E))  # data-decay proj, learned decay, output RMSNorm scale
+                    + (D * H * E if gated else 0) + norm_params)  # data-decay proj, learned decay, gate, out norm
     assert s.total_params == vocab * D + layers * (mixer_params + 3 * D * mlp + 2 * D) + D + D * vocab
     assert s.kv_cache_bytes_per_token == 0  # constant-size state
-    mixer_flops = 2 * projections + (2 * D * H if data_decay else 0) + 4 * H * phi * (E + normalized)
+    mixer_flops = (2 * projections + (2 * D * H * E if gated else 0) + (2 * D * H if data_decay else 0)
+                   + 4 * H * phi * (E + normalized))
     assert s.flops_per_token == layers * (mixer_flops + 2 * 3 * D * mlp) + 2 * D * vocab
 
 
 def test_aliases_are_linear_attention_with_fixed_options():
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 50, (2, 9)), jnp.int32)
-    for alias, explicit in (("retnet", "linear_attention(feature_map=identity,decay=fixed,normalize=false)"),
-                            ("simple_gla", "linear_attention(feature_map=identity,decay=data,normalize=false)"),
-                            ("based", "linear_attention(feature_map=taylor2,normalize=true)")):
+    for alias, explicit in (
+            ("retnet", "linear_attention(feature_map=identity,rope=true,decay=fixed,normalize=false,output_norm=group,"
+                       "output_gate=swish)"),
+            ("simple_gla", "linear_attention(feature_map=identity,decay=data,gate_normalizer=16,normalize=false,"
+                           "output_norm=rms,output_gate=swish)"),
+            ("lightning", "linear_attention(feature_map=silu,decay=alibi,normalize=false,output_norm=srms,"
+                          "output_gate=identity)"),
+            ("based", "linear_attention(feature_map=taylor2,normalize=true)")):
         np.testing.assert_array_equal(one_layer(alias)(tokens).logits_BTV, one_layer(explicit)(tokens).logits_BTV)
 
 
@@ -150,9 +227,24 @@ def test_decays_start_at_retnet_gammas():
     learned = one_layer("linear_attention(decay=learned)").blocks[0].mixer
     np.testing.assert_allclose(np.exp(-softplus(np.asarray(learned.decay_logit[...], np.float64))), gammas,
                                rtol=1e-6)
-    data = one_layer("simple_gla").blocks[0].mixer
-    np.testing.assert_allclose(np.exp(-softplus(np.asarray(data.decay_proj.bias[...], np.float64))), gammas,
-                               rtol=1e-6)
+    for plan, tau in (("simple_gla", 16.0), ("linear_attention(decay=data)", 1.0)):  # exp(logsigmoid(b) / tau)
+        bias = np.asarray(one_layer(plan).blocks[0].mixer.decay_proj.bias[...], np.float64)
+        np.testing.assert_allclose(np.exp(-softplus(-bias) / tau), gammas, rtol=1e-6)
+
+
+@pytest.mark.parametrize("n_heads, slopes", [
+    (4, [2**-2, 2**-4, 2**-6, 2**-8]),  # 2^(-8h/H), h = 1..H
+    (8, [2.0**-h for h in range(1, 9)]),
+    (6, [2**-2, 2**-4, 2**-6, 2**-8, 2**-1, 2**-3]),  # ALiBi's non-power-of-2 rule: H=4's, then H=8's odd ones
+])
+def test_lightning_decays_are_alibi_slopes(n_heads, slopes):
+    """lambda_h = exp(-s_h); TransNormerLLM's layer l of L scales s_h by 1 - l / (L - 1) + 1e-5."""
+    x_BTD = jnp.zeros((1, 3, 48))
+    for depth, factor in ((None, 1.0), (0.0, 1 + 1e-5), (0.25, 0.75 + 1e-5), (1.0, 1e-5)):
+        plan = "lightning" if depth is None else f"lightning(layer_depth={depth})"
+        mixer = one_layer(plan, d_model=48, n_heads=n_heads).blocks[0].mixer
+        np.testing.assert_allclose(np.exp(mixer.log_decay(x_BTD)[0, 0]), np.exp(-np.array(slopes) * factor),
+                                   rtol=1e-6)
 
 
 @pytest.mark.parametrize("plan, message", [
@@ -164,13 +256,21 @@ def test_decays_start_at_retnet_gammas():
     ("linear_attention(chunk_size=24)", "chunk_size=24 .*power of 2"),
     ("linear_attention(n_kv_heads=3)", "n_kv_heads=3 must divide n_heads=4"),
     ("based(feature_dim=3,rope=true)", "must be even"),
+    ("linear_attention(feature_map=silu)", "normalize=true .*with silu"),
+    ("linear_attention(output_norm=group)", "output_norm=group .*normalize=false"),
+    ("linear_attention(normalize=false,output_norm=layer)", "output_norm='layer' must be one of 'rms', 'group'"),
+    ("linear_attention(output_gate=relu)", "output_gate='relu' must be one of 'swish', 'sigmoid', 'identity'"),
+    ("retnet(layer_depth=0.5)", "layer_depth=0.5 .*decay=alibi"),
+    ("lightning(layer_depth=1.5)", r"layer_depth=1.5 .*\[0, 1\]"),
+    ("simple_gla(decay=learned)", "gate_normalizer=16.0 .*decay=data"),
+    ("simple_gla(gate_normalizer=0)", "gate_normalizer=0 .*> 0"),
 ])
 def test_bad_config_fails_at_construction(plan, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig(vocab_size=50, d_model=D, n_layers=1, n_heads=H, plan=plan)
 
 
-@pytest.mark.parametrize("plan", ["linear_attention", "retnet(rope=true)", "simple_gla", "based(feature_dim=4)"])
+@pytest.mark.parametrize("plan", ["linear_attention", "retnet", "simple_gla", "lightning", "based(feature_dim=4)"])
 def test_packed_documents_equal_separate_runs(plan):
     """Two documents packed in one row (segment ids, positions restarting at the second) give the model's logits of
     each document run alone; the second crosses a chunk boundary."""

@@ -1,9 +1,11 @@
-"""Linear attention with an optional per-head decay: the linear-attention / RetNet / simple-GLA / Based family.
+"""Linear attention with an optional per-head decay, output norm and output gate: the linear-attention / RetNet /
+simple-GLA / Lightning / Based family.
 
 Katharopoulos et al., "Transformers are RNNs" (arXiv 2006.16236): softmax replaced by a feature map phi, normalised;
-RetNet (Sun et al., arXiv 2307.08621) and Lightning Attention-2 (Qin et al., arXiv 2401.04658): a fixed per-head decay,
-un-normalised, with a per-head output norm; simple GLA (FLA `simple_gla`, the scalar-gate case of GLA, arXiv
-2312.06635): a data-dependent per-head decay; Based (Arora et al., arXiv 2402.18668): the 2nd-order Taylor feature map.
+RetNet (Sun et al., arXiv 2307.08621), simple GLA (FLA's `SimpleGatedLinearAttention`, the scalar-gate case of GLA,
+arXiv 2312.06635) and Lightning Attention-2 (Qin et al., arXiv 2401.04658, in TransNormerLLM's layer, arXiv
+2307.14341): un-normalised, a per-head decay, an output norm and an output gate; Based (Arora et al., arXiv
+2402.18668): the 2nd-order Taylor feature map.
 
 Per head h (q/k/v heads laid out as GQA: H query heads, K key/value heads, head h reads kv head h // (H / K)):
 
@@ -11,17 +13,41 @@ Per head h (q/k/v heads laid out as GQA: H query heads, K key/value heads, head 
     S_t = exp(g_t) S_{t-1} + k_t^T v_t          (state [E', F], float32; g_t <= 0 the log decay)
     z_t = exp(g_t) z_{t-1} + k_t                 (normalize only: carried as an extra all-ones value column)
     o_t = q_t S_t / (q_t z_t + eps)              normalize=true (phi positive: elu1, taylor2)
-    o_t = RMSNorm(scale * q_t S_t)               normalize=false (per head, as RetNet's / Lightning's output norm)
-    y   = concat_h(o_h) W_o
+    o_t = Norm(scale * q_t S_t)                  normalize=false, Norm = output_norm
+    y   = (act(x W_g) * concat_h(o_h)) W_o      output_gate=act; without a gate y = concat_h(o_h) W_o
 
-Feature maps phi: identity; elu1 = elu(x) + 1 (Katharopoulos); taylor2 = [1, x / d^(1/4), vec(x x^T) / (sqrt(2 d))]
-on q/k projected to d = feature_dim (Based's TaylorExp), so phi(q).phi(k) = 1 + s + s^2 / 2 with s = q.k / sqrt(d),
-the 2nd-order Taylor expansion of exp(s). scale = head_dim^-1/2 for identity / elu1 (FLA's default), 1 for taylor2
-(its map already carries 1/sqrt(d)) and irrelevant when normalised.
+Feature maps phi: identity; elu1 = elu(x) + 1 (Katharopoulos); silu (TransNormerLLM's q/k activation); taylor2 =
+[1, x / d^(1/4), vec(x x^T) / (sqrt(2 d))] on q/k projected to d = feature_dim (Based's TaylorExp), so phi(q).phi(k) =
+1 + s + s^2 / 2 with s = q.k / sqrt(d), the 2nd-order Taylor expansion of exp(s). scale = head_dim^-1/2 for identity /
+elu1 / silu (FLA's default), 1 for taylor2 (its map already carries 1/sqrt(d)); irrelevant when normalised and, up to
+the norm's eps, under an output norm.
 
-Decays g_t[h]: none (0; `decay=none` in a plan); fixed, RetNet's gamma_h = 1 - 2^(-5-h); learned, -softplus(a_h) per
-head; data, -softplus(x w_h + b_h) per token and head. Learned and data start at RetNet's gammas
-(a_h, b_h = softplus^-1(-log gamma_h)).
+Decays g_t[h]: none (0; `decay=none` in a plan); fixed, RetNet's multi-scale gamma_h = 1 - 2^(-5-h), h = 0..H-1;
+alibi, Lightning's lambda_h = exp(-s_h) with ALiBi's slopes s_h = 2^(-8 h / H), h = 1..H (H a power of 2; otherwise
+ALiBi's interleaving of the next power of 2), times 1 - layer_depth + 1e-5 when layer_depth = l / (L - 1) is given
+(TransNormerLLM's depth scaling: decays approach 1 in deep layers); learned, -softplus(a_h) per head; data,
+logsigmoid(x w_h + b_h) / gate_normalizer per token and head (FLA's gate; GLA's tau = 16 in simple_gla). Learned and
+data start at RetNet's gammas (a_h, b_h solved for them).
+
+Output norms (normalize=false): rms, RMSNorm per head with one learned scale [F] shared by the heads (FLA's
+`FusedRMSNormGated` over head_v_dim); group, GroupNorm with one group per head (RetNet: mean and variance per head,
+learned scale and bias per channel [H, F]); srms, TransNormerLLM's SRMSNorm: RMS over the whole concatenated output
+[H F], no parameters. Output gates: swish (RetNet, FLA), sigmoid, identity (TransNormerLLM's U = x W_u); W_g is
+[D, H F], bias-free.
+
+Presets (aliases with fixed options; a plan may still change the others):
+  retnet      identity, rope (RetNet's rotation e^{i n theta} of q and k), decay=fixed, output_norm=group,
+              output_gate=swish. Differs from the paper: the value width is head_dim (RetNet doubles it, W_V and W_G
+              d x 2d, and halves the FFN); the parallel form's retention-score normalisations are not needed (the
+              float32 recurrence is exact and GroupNorm removes any scale).
+  simple_gla  identity, decay=data with gate_normalizer=16, output_norm=rms, output_gate=swish: FLA's defaults, but
+              without its short convolutions on q/k/v (`use_short_conv=True` there), and the gate bias starts at
+              RetNet's gammas (FLA: a default linear init, every head's decay near 2^(-1/16)).
+  lightning   silu, decay=alibi, output_norm=srms, output_gate=identity: TransNormerLLM's gated linear attention,
+              o = SRMSNorm(lightning(q, k, v)) * (x W_u), as trained with Lightning Attention-2. Differs: the
+              slopes are unscaled unless a plan gives each layer its layer_depth (a mixer does not know its depth);
+              TransNormerLLM's optional LRPE rotation is not implemented (rope=true is the rotary alternative).
+  based       taylor2 (feature_dim 16), no decay, normalised.
 
 The recurrence runs through `pallas_kernels.chunked_linear_attention` (the model's "chunked_linear_attention"
 implementation). Key/value heads are repeated to the H query heads before it, since each query head's decay makes its
@@ -31,11 +57,13 @@ equal consecutive ids): the op resets S (and z) at each document's first token, 
 packed prefill leaves each prompt's last document's state. Rotary positions follow `ctx.positions_BT` (restarted per
 document by the caller in packed training).
 
-FLOPs per token (2 per multiply-add; feature maps, decay gates and norms not counted):
-    2 D (H E_qk + K E_qk + K F) + 2 H F D (projections) + 2 D H (data decay) + 4 H E' F' (state update and read-out)
+FLOPs per token (2 per multiply-add; feature maps, decay gates, gate activations and norms not counted):
+    2 D (H E_qk + K E_qk + K F) + 2 H F D (projections) + 2 D H F (output gate) + 2 D H (data decay)
+    + 4 H E' F' (state update and read-out)
 with E_qk = head_dim (feature_dim for taylor2), E' = phi's width, F' = F + 1 when normalised.
 
-Extra shape letters: P = E' (feature width of phi), V = F' (value width incl. the normaliser column).
+Extra shape letters: P = E' (feature width of phi), V = F' (value width incl. the normaliser column), X = H F (the
+heads' output, concatenated).
 """
 
 from __future__ import annotations
@@ -56,25 +84,38 @@ from attnzoo.mixers.base import ForwardContext, Mixer, MixerOutput, SharedParams
 from attnzoo.mixers.gqa import heads
 from attnzoo.registry import register
 
-FEATURE_MAPS = ("identity", "elu1", "taylor2")
-DECAYS = ("fixed", "learned", "data")
+FEATURE_MAPS = ("identity", "elu1", "silu", "taylor2")
+POSITIVE_FEATURE_MAPS = ("elu1", "taylor2")  # a normaliser q.z > 0 needs phi > 0
+DECAYS = ("fixed", "alibi", "learned", "data")
+OUTPUT_NORMS = ("rms", "group", "srms")
+OUTPUT_GATES = {"swish": jax.nn.silu, "sigmoid": jax.nn.sigmoid, "identity": lambda x: x}
 BASED_FEATURE_DIM = 16  # Based's default Taylor input width
 NORMALIZER_EPS = 1e-6
+DEPTH_EPS = 1e-5  # TransNormerLLM keeps the last layer's slopes just above 0
 
 
 @dataclasses.dataclass(frozen=True)
 class LinearAttentionOptions:
-    """feature_map: phi, one of identity / elu1 / taylor2. feature_dim: taylor2's input width (q/k projected to it;
-    default 16, Based's); only with taylor2. decay: none / fixed (RetNet) / learned (per head) / data (per token and
-    head). normalize: divide by q.z (needs a positive map: elu1 or taylor2), else a per-head output RMSNorm.
-    n_heads, n_kv_heads ("all": one kv head per query head), head_dim: default the model's. rope: rotary positions on
-    q and k before phi. chunk_size: tokens per chunk of the chunked op (a power of 2 >= 16, so every implementation
-    takes it; the result does not depend on it)."""
+    """feature_map: phi, one of identity / elu1 / silu / taylor2. feature_dim: taylor2's input width (q/k projected
+    to it; default 16, Based's); only with taylor2. decay: none / fixed (RetNet's gammas) / alibi (Lightning's
+    slopes) / learned (per head) / data (per token and head). layer_depth: l / (L - 1) in [0, 1] of this layer, with
+    decay=alibi: slopes times 1 - layer_depth + 1e-5 (TransNormerLLM); none: unscaled. gate_normalizer: tau of the
+    data decay logsigmoid(x w + b) / tau (16 in simple_gla, as FLA's gate_logit_normalizer); only with decay=data.
+    normalize: divide by q.z (needs a positive map: elu1 or taylor2), else an output norm. output_norm: rms (per
+    head, FLA), group (per-head GroupNorm, RetNet) or srms (parameter-free RMS over all heads, TransNormerLLM); only
+    with normalize=false, default rms there. output_gate: swish / sigmoid / identity activation of a gate projection
+    multiplying the heads' output, or none. n_heads, n_kv_heads ("all": one kv head per query head), head_dim:
+    default the model's. rope: rotary positions on q and k before phi. chunk_size: tokens per chunk of the chunked
+    op (a power of 2 >= 16, so every implementation takes it; the result does not depend on it)."""
 
-    feature_map: Literal["identity", "elu1", "taylor2"] = "elu1"
+    feature_map: Literal["identity", "elu1", "silu", "taylor2"] = "elu1"
     feature_dim: int | None = None
-    decay: Literal["fixed", "learned", "data"] | None = None
+    decay: Literal["fixed", "alibi", "learned", "data"] | None = None
+    layer_depth: float | None = None
+    gate_normalizer: float = 1.0
     normalize: bool = True
+    output_norm: Literal["rms", "group", "srms"] | None = None
+    output_gate: Literal["swish", "sigmoid", "identity"] | None = None
     n_heads: int | None = None
     n_kv_heads: int | Literal["all"] | None = None
     head_dim: int | None = None
@@ -86,6 +127,10 @@ class LinearAttentionOptions:
             raise ValueError(f"feature_map={self.feature_map!r} must be one of {', '.join(FEATURE_MAPS)}")
         if self.decay is not None and self.decay not in DECAYS:
             raise ValueError(f"decay={self.decay!r} must be one of {', '.join(DECAYS)} or none")
+        if self.output_norm is not None and self.output_norm not in OUTPUT_NORMS:
+            raise ValueError(f"output_norm={self.output_norm!r} must be one of {', '.join(OUTPUT_NORMS)} or none")
+        if self.output_gate is not None and self.output_gate not in OUTPUT_GATES:
+            raise ValueError(f"output_gate={self.output_gate!r} must be one of {', '.join(OUTPUT_GATES)} or none")
         for name in ("feature_dim", "n_heads", "head_dim"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -95,9 +140,18 @@ class LinearAttentionOptions:
         if self.feature_dim is not None and self.feature_map != "taylor2":
             raise ValueError(f"feature_dim={self.feature_dim} is the taylor2 map's input width; set it only with "
                              f"feature_map=taylor2 (got feature_map={self.feature_map})")
-        if self.normalize and self.feature_map == "identity":
-            raise ValueError("normalize=true needs a positive feature map (feature_map=elu1 or taylor2): with "
-                             "identity the normaliser q.z can be zero or negative; use normalize=false")
+        if self.layer_depth is not None and (self.decay != "alibi" or not 0 <= self.layer_depth <= 1):
+            raise ValueError(f"layer_depth={self.layer_depth} scales the alibi slopes: set it in [0, 1] (l / (L - 1) "
+                             f"of layer l of L) and only with decay=alibi (got decay={self.decay})")
+        if self.gate_normalizer <= 0 or (self.gate_normalizer != 1 and self.decay != "data"):
+            raise ValueError(f"gate_normalizer={self.gate_normalizer} divides the data decay's log gate: a number "
+                             f"> 0, other than 1 only with decay=data (got decay={self.decay})")
+        if self.normalize and self.feature_map not in POSITIVE_FEATURE_MAPS:
+            raise ValueError(f"normalize=true needs a positive feature map (feature_map=elu1 or taylor2): with "
+                             f"{self.feature_map} the normaliser q.z can be zero or negative; use normalize=false")
+        if self.normalize and self.output_norm is not None:
+            raise ValueError(f"output_norm={self.output_norm} replaces the normaliser q.z: set it only with "
+                             f"normalize=false")
         if self.chunk_size < 16 or self.chunk_size & (self.chunk_size - 1):
             raise ValueError(f"chunk_size={self.chunk_size} must be a power of 2 >= 16")
 
@@ -121,6 +175,8 @@ def taylor2_features(x_BTHD):
 def feature_map(name: str, x):
     if name == "elu1":
         return jax.nn.elu(x) + 1
+    if name == "silu":
+        return jax.nn.silu(x)
     if name == "taylor2":
         return taylor2_features(x)
     return x
@@ -135,8 +191,64 @@ def retnet_log_decay(n_heads: int) -> np.ndarray:
     return np.log1p(-(2.0 ** (-5.0 - np.arange(n_heads))))
 
 
+def alibi_slopes(n_heads: int) -> np.ndarray:
+    """ALiBi's head slopes (arXiv 2108.12409), Lightning's s_h: 2^(-8 h / n), h = 1..n, for n a power of 2; else
+    those of the largest power of 2 below n, then every other slope of the next power of 2."""
+    closest = 2 ** math.floor(math.log2(n_heads))
+    slopes = 2.0 ** (-8.0 * np.arange(1, closest + 1) / closest)
+    if closest == n_heads:
+        return slopes
+    return np.concatenate([slopes, alibi_slopes(2 * closest)[0::2][: n_heads - closest]])
+
+
 def inverse_softplus(y: np.ndarray) -> np.ndarray:
     return y + np.log(-np.expm1(-y))
+
+
+def fixed_log_decay(options: LinearAttentionOptions, n_heads: int) -> np.ndarray:
+    """log decay per head of decay=fixed (RetNet's gammas) or decay=alibi (Lightning's slopes, depth-scaled)."""
+    if options.decay == "fixed":
+        return retnet_log_decay(n_heads)
+    depth_scale = 1.0 if options.layer_depth is None else 1 - options.layer_depth + DEPTH_EPS
+    return -alibi_slopes(n_heads) * depth_scale
+
+
+class GroupNorm(nnx.Module):
+    """GroupNorm with one group per head on [..., H, F]: each head's output centred and scaled to unit variance
+    (float32), then a learned scale and bias per channel (RetNet's per-head normalisation)."""
+
+    def __init__(self, n_heads: int, dim: int, *, eps: float, param_dtype):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((n_heads, dim), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((n_heads, dim), param_dtype))
+
+    def __call__(self, x_BTHF):
+        x32 = x_BTHF.astype(jnp.float32)
+        centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        y = centred * jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x_BTHF.dtype)
+
+
+class SimpleRMSNorm(nnx.Module):
+    """TransNormerLLM's SRMSNorm on [..., H, F]: x / rms(x) over all heads together, no parameters (float32)."""
+
+    def __init__(self, *, eps: float):
+        self.eps = eps
+
+    def __call__(self, x_BTHF):
+        x32 = x_BTHF.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=(-2, -1), keepdims=True) + self.eps)
+        return y.astype(x_BTHF.dtype)
+
+
+def output_norm(name: str, n_heads: int, head_dim: int, config: ModelConfig) -> nnx.Module:
+    """The norm on the heads' output [..., H, F] when normalize=false (see OUTPUT_NORMS)."""
+    param_dtype = jnp.dtype(config.param_dtype)
+    if name == "group":
+        return GroupNorm(n_heads, head_dim, eps=config.norm_eps, param_dtype=param_dtype)
+    if name == "srms":
+        return SimpleRMSNorm(eps=config.norm_eps)
+    return RMSNorm(head_dim, eps=config.norm_eps, param_dtype=param_dtype)
 
 
 @register("linear_attention", options=LinearAttentionOptions)
@@ -160,35 +272,43 @@ class LinearAttention(Mixer):
         self.feature_map = options.feature_map
         self.feature_dim = feature_width(options.feature_map, self.qk_dim)
         self.decay = options.decay
+        self.gate_normalizer = options.gate_normalizer
         self.normalize = options.normalize
         self.scale = 1.0 if options.normalize or options.feature_map == "taylor2" else self.head_dim**-0.5
         self.rope_base = config.rope_base if options.rope else None
         self.chunk_size = options.chunk_size
         self.implementation = config.kernel("chunked_linear_attention")
-        d, h, k = config.d_model, self.n_heads, self.n_kv_heads
+        d, h, k, f = config.d_model, self.n_heads, self.n_kv_heads, self.head_dim
         param_dtype = jnp.dtype(config.param_dtype)
         kw = dict(dtype=jnp.dtype(config.dtype), param_dtype=param_dtype, rngs=rngs)
         self.q_proj = dense(d, h * self.qk_dim, **kw)
         self.k_proj = dense(d, k * self.qk_dim, **kw)
-        self.v_proj = dense(d, k * self.head_dim, **kw)
-        self.o_proj = dense(h * self.head_dim, d, scale=1 / (2 * config.n_layers) ** 0.5, **kw)
-        decay_init_H = jnp.asarray(inverse_softplus(-retnet_log_decay(h)), param_dtype)
-        self.decay_logit = nnx.Param(decay_init_H) if options.decay == "learned" else None
+        self.v_proj = dense(d, k * f, **kw)
+        self.g_proj = dense(d, h * f, **kw) if options.output_gate else None
+        self.gate_activation = options.output_gate
+        self.o_proj = dense(h * f, d, scale=1 / (2 * config.n_layers) ** 0.5, **kw)
+        # Constant decays as static floats (float64-exact up to the float32 cast in log_decay).
+        self.fixed_log_decay_H = (tuple(map(float, fixed_log_decay(options, h)))
+                                  if options.decay in ("fixed", "alibi") else None)
+        # -log gamma_h, RetNet's multi-scale decay rates, where learned and data decays start.
+        retnet_rate_H = -retnet_log_decay(h)
+        self.decay_logit = (nnx.Param(jnp.asarray(inverse_softplus(retnet_rate_H), param_dtype))
+                            if options.decay == "learned" else None)
         self.decay_proj = dense(d, h, use_bias=True, **kw) if options.decay == "data" else None
-        if self.decay_proj is not None:
-            self.decay_proj.bias = nnx.Param(decay_init_H)
-        self.out_norm = None if options.normalize else RMSNorm(self.head_dim, eps=config.norm_eps,
-                                                               param_dtype=param_dtype)
+        if self.decay_proj is not None:  # logsigmoid(b) / tau = log gamma
+            self.decay_proj.bias = nnx.Param(jnp.asarray(
+                -inverse_softplus(options.gate_normalizer * retnet_rate_H), param_dtype))
+        self.out_norm = None if options.normalize else output_norm(options.output_norm or "rms", h, f, config)
 
     def log_decay(self, x_BTD):
         """g [B, T, H] float32, <= 0."""
         b, t, _ = x_BTD.shape
-        if self.decay == "fixed":
-            return jnp.broadcast_to(jnp.asarray(retnet_log_decay(self.n_heads), jnp.float32), (b, t, self.n_heads))
+        if self.fixed_log_decay_H is not None:
+            return jnp.broadcast_to(jnp.asarray(self.fixed_log_decay_H, jnp.float32), (b, t, self.n_heads))
         if self.decay == "learned":
             return jnp.broadcast_to(-jax.nn.softplus(self.decay_logit[...].astype(jnp.float32)), (b, t, self.n_heads))
         if self.decay == "data":
-            return -jax.nn.softplus(self.decay_proj(x_BTD).astype(jnp.float32))
+            return jax.nn.log_sigmoid(self.decay_proj(x_BTD).astype(jnp.float32)) / self.gate_normalizer
         return jnp.zeros((b, t, self.n_heads), jnp.float32)
 
     def __call__(self, x_BTD, ctx: ForwardContext, cache: LinearAttentionCache | None = None) -> MixerOutput:
@@ -221,7 +341,10 @@ class LinearAttention(Mixer):
             o_BTHF = o_BTHV[..., :-1] / (o_BTHV[..., -1:] + NORMALIZER_EPS)
         else:
             o_BTHF = self.out_norm(o_BTHV)
-        return MixerOutput(self.o_proj(o_BTHF.reshape(b, t, self.n_heads * self.head_dim)), cache)
+        o_BTX = o_BTHF.reshape(b, t, self.n_heads * self.head_dim)
+        if self.g_proj is not None:
+            o_BTX = o_BTX * OUTPUT_GATES[self.gate_activation](self.g_proj(x_BTD))
+        return MixerOutput(self.o_proj(o_BTX), cache)
 
     def init_cache(self, batch: int, max_len: int) -> LinearAttentionCache:
         value_width = self.head_dim + self.normalize
@@ -230,10 +353,11 @@ class LinearAttention(Mixer):
     def flops_per_token(self, seq_len: int) -> int:
         d, h, k, f = self.q_proj.in_features, self.n_heads, self.n_kv_heads, self.head_dim
         project = 2 * d * (h * self.qk_dim + k * self.qk_dim + k * f) + 2 * h * f * d
+        gate = 2 * d * h * f if self.g_proj is not None else 0
         decay = 2 * d * h if self.decay == "data" else 0
         # phi(k)^T v into the state and phi(q) S out of it, per head.
         recur = 4 * h * self.feature_dim * (f + self.normalize)
-        return project + decay + recur
+        return project + gate + decay + recur
 
 
 def qk_width(options: LinearAttentionOptions, head_dim: int) -> int:
@@ -243,9 +367,11 @@ def qk_width(options: LinearAttentionOptions, head_dim: int) -> int:
     return head_dim
 
 
-register("retnet", options=LinearAttentionOptions, feature_map="identity", decay="fixed", normalize=False)(
-    LinearAttention)
-register("simple_gla", options=LinearAttentionOptions, feature_map="identity", decay="data", normalize=False)(
-    LinearAttention)
+register("retnet", options=LinearAttentionOptions, feature_map="identity", rope=True, decay="fixed", normalize=False,
+         output_norm="group", output_gate="swish")(LinearAttention)
+register("simple_gla", options=LinearAttentionOptions, feature_map="identity", decay="data", gate_normalizer=16.0,
+         normalize=False, output_norm="rms", output_gate="swish")(LinearAttention)
+register("lightning", options=LinearAttentionOptions, feature_map="silu", decay="alibi", normalize=False,
+         output_norm="srms", output_gate="identity")(LinearAttention)
 register("based", options=LinearAttentionOptions, feature_map="taylor2", decay=None, normalize=True)(
     LinearAttention)

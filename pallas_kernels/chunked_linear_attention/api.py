@@ -51,8 +51,8 @@ def chunked_linear_attention(q_BTKE, k_BTKE, v_BTHF, log_decay_BTH, *, scale: fl
       q_BTKE, k_BTKE: [B, T, K, E]; v_BTHF: [B, T, H, F]; one float dtype (bf16, fp16, fp32). K divides H: value
         head h reads q/k head h // (H / K).
       log_decay_BTH: [B, T, H], or [B, T, H, E] per key dimension (GLA); any float dtype, used in float32. Must be
-        <= 0 (a decay in (0, 1]); checked when the array is concrete, never under jit or another transformation,
-        where positive values give exponents > 0 that can overflow.
+        <= 0 (a decay in (0, 1]); checked when the array is concrete (numpy, or a constant closed over by a jitted
+        caller included), never when it is traced, where positive values give exponents > 0 that can overflow.
       scale: multiplies the output.
       initial_state_BHEF: [B, H, E, F], the state before token 0 (continuing a prefill or a chunked decode);
         default zeros. Used in float32.
@@ -118,8 +118,13 @@ def _check_inputs(q, k, v, log_decay, initial_state, lengths, segment_ids, chunk
     if log_decay.shape not in ((b, t, h), (b, t, h, e)) or not jnp.issubdtype(log_decay.dtype, jnp.floating):
         raise ValueError(f"log_decay_BTH must be a float array [batch, seq, heads] = {(b, t, h)} or, per key "
                          f"dimension, {(b, t, h, e)}; got {log_decay.dtype}{log_decay.shape}")
-    if not isinstance(log_decay, jax.core.Tracer) and bool(jnp.any(log_decay > 0)):
-        raise ValueError("log_decay_BTH must be <= 0 (a decay exp(log_decay) in (0, 1]); got positive values")
+    if not isinstance(log_decay, jax.core.Tracer):
+        # A concrete array (numpy, or a jax constant closed over by a jitted caller) is checked eagerly: under a jit
+        # trace jnp ops would stage the comparison into a tracer, which has no truth value.
+        with jax.ensure_compile_time_eval():
+            positive = bool(jnp.any(jnp.asarray(log_decay) > 0))
+        if positive:
+            raise ValueError("log_decay_BTH must be <= 0 (a decay exp(log_decay) in (0, 1]); got positive values")
     if initial_state is not None and (initial_state.shape != (b, h, e, f)
                                       or not jnp.issubdtype(initial_state.dtype, jnp.floating)):
         raise ValueError(f"initial_state_BHEF must be a float array [batch, heads, E, F] = {(b, h, e, f)}, got "

@@ -92,3 +92,20 @@ def test_positive_log_decay_is_not_checked_under_jit():
     """The value check needs concrete values; under jit the call goes through (documented)."""
     args = _inputs() | dict(log_decay_BTH=jnp.full((1, 8, 2), 0.1))
     assert jax.jit(lambda kw: chunked_linear_attention(**kw))(args).shape == (1, 8, 2, 16)
+
+
+@pytest.mark.parametrize("as_array", [np.asarray, jnp.asarray], ids=["numpy", "jax"])
+def test_concrete_log_decay_closed_over_by_jit(as_array):
+    """A concrete log_decay used inside jit (a constant the jitted function closes over) is checked on its values
+    without turning a traced comparison into a bool: a valid one gives the eager result, a positive one raises."""
+    q, k, v = (jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+               for seed, shape in ((0, (1, 8, 1, 16)), (1, (1, 8, 1, 16)), (2, (1, 8, 2, 16))))
+
+    def jitted(log_decay):
+        return jax.jit(lambda q: chunked_linear_attention(q, k, v, log_decay, implementation="xla"))(q)
+
+    log_decay = as_array(np.full((1, 8, 2), -0.1, np.float32))
+    np.testing.assert_allclose(jitted(log_decay), chunked_linear_attention(q, k, v, jnp.asarray(log_decay),
+                                                                           implementation="xla"), rtol=1e-6)
+    with pytest.raises(ValueError, match="log_decay_BTH must be <= 0"):
+        jitted(as_array(np.full((1, 8, 2), 0.1, np.float32)))
