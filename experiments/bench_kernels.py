@@ -227,7 +227,8 @@ _DENSE_IMPLS = ("attnzoo_triton", "flash_attnzoo_triton", "flash_cudnn", "attnzo
 
 def _linear_cases(smoke: bool) -> list[LinearCase]:
     """The peers' selective-scan shape mapped onto SSD, the length sweep at fixed tokens per batch (Mamba-2
-    heads), Lightning / RetNet heads, and the peers' Mamba-1 scan itself (the calibration of this run's timing
+    heads), fixed-decay RetNet heads (Lightning's slopes differ only in value: the same kernel cost), and the peers'
+    Mamba-1 scan itself (the calibration of this run's timing
     against the anchor's 2.33 ms / 32.1 ms)."""
     # Anchor B4 L2048 D2048 N16 (fp32): D = H x P = 32 x 64 channels, one group of B, C with N = 16.
     b, t, h, p, n = (1, 128, 2, 16, 16) if smoke else (4, 2048, 32, 64, 16)
@@ -239,7 +240,7 @@ def _linear_cases(smoke: bool) -> list[LinearCase]:
     cases += [LinearCase(f"linear_mamba2_b{tokens // t}_t{_length_label(t)}_h{h}p{p}_n{n}_bf16", tokens // t, t, 1,
                          h, n, p, "bfloat16", "ssd", _DENSE_IMPLS, "attnzoo_xla_f32", essential=2) for t in lengths]
     b, t, h, e = (1, 128, 2, 64) if smoke else (4, 8192, 16, 128)
-    cases.append(LinearCase(f"linear_lightning_b{b}_t{_length_label(t)}_h{h}_e{e}_f{e}_bf16", b, t, h, h, e, e,
+    cases.append(LinearCase(f"linear_retnet_b{b}_t{_length_label(t)}_h{h}_e{e}_f{e}_bf16", b, t, h, h, e, e,
                             "bfloat16", "retnet", _DENSE_IMPLS, "attnzoo_xla_f32", essential=1))
     # The peers' own recurrence: one value head per channel (F = 1) and the state dimension as E.
     b, t, d, n = (1, 128, 8, 4) if smoke else (4, 2048, 2048, 16)

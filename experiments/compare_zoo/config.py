@@ -37,6 +37,8 @@ FAMILIES: dict[str, tuple[Variant, ...]] = {
         Variant("retnet", "retnet*4", "RetNet"),
         Variant("simple-gla", "simple_gla*4", "Simple GLA"),
         Variant("based", "based*4", "Based"),
+        Variant("lightning", ",".join(f"lightning(layer_depth={i / 3:.4f})" for i in range(4)),
+                "Lightning (TransNormerLLM depth-scaled decays)"),
     ),
     "hybrid": (
         Variant("mamba2-gqa", "mamba2[mlp=none]*3,gqa", "Mamba-2 x3 + GQA"),
