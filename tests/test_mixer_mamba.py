@@ -88,6 +88,33 @@ def test_initialisation_follows_the_reference():
     np.testing.assert_allclose(jax.nn.softplus(floored.dt_proj.bias[...]), 1e-3, rtol=1e-4)
 
 
+def assert_uniform(weight, bound):
+    """Drawn from U(-bound, bound): inside it, reaching near its ends, with the uniform's std bound / sqrt(3)."""
+    weight = np.asarray(weight, np.float64)
+    assert np.abs(weight).max() <= bound * (1 + 1e-6) and np.abs(weight).max() > 0.95 * bound
+    assert weight.std() == pytest.approx(bound / 3**0.5, rel=0.05)
+
+
+@pytest.mark.parametrize("plan, branches", [("mamba*3", 6), ("mamba[mlp=none]*3", 3), ("mamba,mamba[mlp=none]*2", 4)])
+def test_projections_have_the_reference_init(plan, branches):
+    """PyTorch nn.Linear's U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for in_proj / x_proj / out_proj with zero biases, out_proj
+    divided by sqrt(residual branches: one per layer + one per MLP); rescale_prenorm_residual=false keeps it whole
+    (transformers' MambaConfig default); dt_proj U(-s, s) or constant s with s = dt_scale / sqrt(dt_rank)."""
+    d, i = 64, 128
+    cfg = ModelConfig(**{**BASE, "d_model": d, "n_layers": 3, "plan": plan})
+    mixer = LanguageModel(cfg, rngs=nnx.Rngs(0)).blocks[0].mixer
+    assert_uniform(mixer.in_proj.kernel[...], d**-0.5)
+    assert_uniform(mixer.x_proj.kernel[...], i**-0.5)
+    assert_uniform(mixer.out_proj.kernel[...], i**-0.5 / branches**0.5)
+    plain = build_mixer("mamba(bias=true,rescale_prenorm_residual=false,dt_scale=2.0)", d_model=d)
+    assert_uniform(plain.out_proj.kernel[...], i**-0.5)
+    np.testing.assert_array_equal(plain.in_proj.bias[...], 0.0)
+    np.testing.assert_array_equal(plain.out_proj.bias[...], 0.0)
+    assert_uniform(plain.dt_proj.kernel[...], 2.0 * 4**-0.5)
+    constant = build_mixer("mamba(dt_init=constant,dt_scale=0.5)", d_model=d)
+    np.testing.assert_array_equal(constant.dt_proj.kernel[...], 0.5 * 4**-0.5)
+
+
 def test_parameter_names_follow_the_released_checkpoints():
     mixer = build_mixer("mamba")
     names = {".".join(map(str, path)) for path, _ in nnx.state(mixer, nnx.Param).flat_state()}
@@ -216,6 +243,8 @@ def test_summary_matches_closed_form(plan, n, conv, expand, rank, bias, conv_bia
     ("mamba(dt_min=0.0)", "dt_min=0.0 and dt_max=0.1 must satisfy"),
     ("mamba(dt_init_floor=-1.0)", "dt_init_floor=-1.0 must be >= 0"),
     ("mamba(expand=1.5)", "expand=1.5 must be an integer"),
+    ("mamba(dt_scale=0.0)", "dt_scale=0.0 must be > 0"),
+    ("mamba(dt_init=normal)", "dt_init='normal' must be one of 'random', 'constant'"),
 ])
 def test_bad_config_fails_at_config_time(plan, message):
     with pytest.raises(ValueError, match=message):

@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import pallas_kernels
 from attnzoo import LanguageModel, ModelConfig
 from attnzoo.mixers.base import ForwardContext
+from attnzoo.mixers.mamba2 import Mamba2Options
 from model_checks import train_losses
 from ssm_reference import BASE, build_mixer, causal_conv1d, linear, mixer_forward, positions
 
@@ -33,9 +35,10 @@ def randomize_dynamics(mixer, seed: int):
         mixer.conv1d.bias[...] = normal(0, 0.3, mixer.conv1d.bias)
 
 
-def reference_forward(mixer, x_BTD):
+def reference_forward(mixer, x_BTD, dt_limit=(0.0, None)):
     """The paper's layer written out token by token from the module's parameters: in_proj split [z, xBC, dt],
-    PyTorch Conv1d semantics over xBC (weight [C, 1, K], left zero padding) + SiLU, then a plain lax.scan over t of
+    PyTorch Conv1d semantics over xBC (weight [C, 1, K], left zero padding) + SiLU, dt = softplus(dt + dt_bias)
+    clamped into `dt_limit` (the reference's dt_limit; none: no upper bound), then a plain lax.scan over t of
     S_t[h] = exp(dt_t[h] A[h]) S_{t-1}[h] + B_t[g]^T (dt_t[h] x_t[h]), y_t[h] = C_t[g] S_t[h] + D[h] x_t[h] with
     g = h // (H / G), from S = 0; then the grouped RMSNorm of y * SiLU(z) and out_proj.
     Returns (output [B,T,D], the state after each token [B,T,H,N,P])."""
@@ -49,7 +52,7 @@ def reference_forward(mixer, x_BTD):
     group_of_head = np.arange(h) // (h // g)
     B = xbc[..., i:i + g * n].reshape(b, t, g, n)[:, :, group_of_head]  # [B, T, H, N]
     C = xbc[..., i + g * n:].reshape(b, t, g, n)[:, :, group_of_head]
-    dt = jax.nn.softplus(dt_raw + mixer.dt_bias[...])
+    dt = jnp.clip(jax.nn.softplus(dt_raw + mixer.dt_bias[...]), *dt_limit)
     A = -jnp.exp(mixer.A_log[...])
 
     def step(S, inputs):  # S [B, H, N, P]
@@ -65,7 +68,8 @@ def reference_forward(mixer, x_BTD):
 
 
 @pytest.mark.parametrize("options, chunks", [
-    ("head_dim=16,d_state=8,n_groups=2", (1, 5, 16)),  # the recurrence itself, 5 does not divide T = 13, one past T
+    # The recurrence itself, 5 does not divide T = 13, one past T, the default 256 (far past T).
+    ("head_dim=16,d_state=8,n_groups=2", (1, 5, 16, 256)),
     ("head_dim=32,d_state=16,bias=true,conv_bias=false,d_conv=2", (4, 64)),  # n_groups = 1
 ])
 def test_chunked_ssd_matches_sequential_recurrence(options, chunks):
@@ -78,6 +82,49 @@ def test_chunked_ssd_matches_sequential_recurrence(options, chunks):
             expected, _ = reference_forward(mixer, x)
         y = mixer_forward(mixer, x, ForwardContext("full", positions(2, 13)))
         np.testing.assert_allclose(y, expected, rtol=2e-4, atol=2e-5, err_msg=f"chunk_size={chunk}")
+
+
+def test_defaults_are_the_papers():
+    """d_state 128, chunk 256, no dt clamp (the reference's Mamba2 and transformers' Mamba2Config)."""
+    options = Mamba2Options()
+    assert (options.d_state, options.chunk_size, options.head_dim, options.expand, options.d_conv) == (128, 256, 64,
+                                                                                                      2, 4)
+    assert (options.dt_limit_min, options.dt_limit_max) == (0.0, None)
+
+
+def test_dt_limit_clamps_dt():
+    """dt_limit_min / dt_limit_max clamp dt after the softplus (transformers' time_step_limit): the layer equals the
+    recurrence with clamped dt (one code path for full, prefill and decode) and differs from the unclamped layer."""
+    x = jnp.asarray(np.random.default_rng(11).normal(size=(2, 13, 32)), jnp.float32)
+    mixer = build_mixer("mamba2(head_dim=16,d_state=8,chunk_size=4,dt_limit_min=0.2,dt_limit_max=0.6)")
+    randomize_dynamics(mixer, seed=12)  # dt_bias ~ N(-1, 1): softplus spans well below 0.2 and above 0.6
+    dt = jax.nn.softplus(mixer.dt_bias[...])
+    assert float(dt.min()) < 0.2 and float(dt.max()) > 0.6
+    expected, _ = reference_forward(mixer, x, dt_limit=(0.2, 0.6))
+    unclamped, _ = reference_forward(mixer, x)
+    assert float(jnp.abs(expected - unclamped).max()) > 1e-2
+    np.testing.assert_allclose(mixer_forward(mixer, x, ForwardContext("full", positions(2, 13))), expected,
+                               rtol=2e-4, atol=2e-5)
+
+
+def test_short_calls_run_a_short_chunk(monkeypatch):
+    """With the default chunk of 256, a call of T < 256 tokens runs the op at the smallest power of 2 >= max(T, 16)
+    (a 1-token decode step does not pad to 256), longer calls at 256."""
+    mixer = build_mixer("mamba2(head_dim=16,d_state=8)")
+    assert mixer.chunk_size == 256
+    chunks = []
+    op = pallas_kernels.chunked_linear_attention
+
+    def spy(*args, chunk_size, **kwargs):
+        chunks.append(chunk_size)
+        return op(*args, chunk_size=chunk_size, **kwargs)
+
+    monkeypatch.setattr(pallas_kernels, "chunked_linear_attention", spy)
+    for t in (1, 13, 17, 256, 300):
+        x = jnp.zeros((1, t, 32), jnp.float32)
+        jax.eval_shape(lambda x: mixer(x, ForwardContext("full", positions(1, t))).y_BTD, x)
+    assert chunks == [16, 16, 32, 256, 256]
+    assert build_mixer("mamba2(head_dim=16,d_state=8,chunk_size=5)").call_chunk_size(3) == 5  # never above it
 
 
 def test_initialisation_follows_the_reference():
@@ -183,7 +230,7 @@ def test_long_sequence_with_extreme_dt_is_finite():
 
 
 @pytest.mark.parametrize("plan, n, conv, expand, p, g, chunk, bias, conv_bias", [
-    ("mamba2", 64, 4, 2, 64, 1, 64, False, True),
+    ("mamba2", 128, 4, 2, 64, 1, 256, False, True),
     ("mamba2(d_state=8,d_conv=2,expand=3,head_dim=16,n_groups=3,chunk_size=16,bias=true,conv_bias=false)",
      8, 2, 3, 16, 3, 16, True, False),
 ])
@@ -226,6 +273,9 @@ def test_summary_matches_closed_form(plan, n, conv, expand, p, g, chunk, bias, c
     ("mamba2(A_init_min=0.0)", "A_init_min=0.0 and A_init_max=16.0 must satisfy 0 < A_init_min <= A_init_max"),
     ("mamba2(A_init_min=4.0,A_init_max=2.0)", "A_init_min=4.0 and A_init_max=2.0 must satisfy"),
     ("mamba2(expand=1.5)", "expand=1.5 must be an integer"),
+    ("mamba2(dt_limit_min=-0.1)", r"dt_limit_min=-0.1 and dt_limit_max=None must satisfy 0 <= dt_limit_min < "
+                                  r"dt_limit_max"),
+    ("mamba2(dt_limit_min=0.5,dt_limit_max=0.5)", "dt_limit_min=0.5 and dt_limit_max=0.5 must satisfy"),
 ])
 def test_bad_config_fails_at_config_time(plan, message):
     with pytest.raises(ValueError, match=message):

@@ -161,6 +161,30 @@ def test_summary_matches_closed_form(options, q_lora, dtype):
     assert s.flops_per_token == pytest.approx(flops, rel=1e-9, abs=layers)
 
 
+@pytest.mark.parametrize("options, q_lora, v", [("", 0, 16), ("q_lora_rank=24,v_head_dim=12", 24, 12)])
+def test_decode_flops_match_closed_form(options, q_lora, v):
+    """One decoded token over S cached ones. Absorbed: projections + 2 h d_c (d_h + d_v) + 2 h ((d_c + d_h^R) + d_c) S;
+    naive: projections + 2 S d_c h (d_h + d_v) + 2 h ((d_h + d_h^R) + d_v) S."""
+    d, h, hd = 64, 4, 16
+    kv_lora, nope, rope = 4 * hd, hd, hd // 2
+    fields = dict(vocab_size=61, d_model=d, n_layers=1, n_heads=h, kernels=XLA)
+    def layer(plan):  # shapes only: the count needs no values
+        return nnx.eval_shape(lambda: LanguageModel(ModelConfig(**fields, plan=plan), rngs=nnx.Rngs(0))).blocks[0].mixer
+
+    absorbed = layer(f"mla({options})")
+    naive = layer(f"mla({options + ',' if options else ''}decode=naive)")
+    q_weights = d * q_lora + q_lora * h * (nope + rope) if q_lora else d * h * (nope + rope)
+    projections = 2 * (q_weights + d * (kv_lora + rope) + h * v * d)
+    for s in (1, 37, 4096):
+        absorbed_flops = projections + 2 * h * kv_lora * nope + 2 * h * kv_lora * v + 2 * h * (kv_lora + rope) * s \
+            + 2 * h * kv_lora * s
+        naive_flops = projections + 2 * s * kv_lora * h * (nope + v) + 2 * h * (nope + rope) * s + 2 * h * v * s
+        assert absorbed.decode_flops_per_token(s) == naive.decode_flops_per_token(s, "absorbed") == absorbed_flops
+        assert naive.decode_flops_per_token(s) == absorbed.decode_flops_per_token(s, "naive") == naive_flops
+    with pytest.raises(ValueError, match="path='fast' must be 'absorbed' or 'naive'"):
+        absorbed.decode_flops_per_token(8, "fast")
+
+
 def test_default_cache_is_gqa_with_two_and_a_quarter_groups():
     """V2 Table 1: with d_c = 4 d_h and d_h^R = d_h / 2, MLA caches as much as GQA with 2.25 KV heads."""
     base = dict(vocab_size=61, d_model=64, n_layers=1, n_heads=4)

@@ -389,9 +389,11 @@ def _write_deepseek(config: ModelConfig, arch: "Architecture") -> dict[str, Any]
     hf.update(num_attention_heads=dims.n_heads, num_key_value_heads=dims.n_heads,
               q_lora_rank=dims.q_lora or None, kv_lora_rank=dims.kv_lora, qk_nope_head_dim=dims.nope,
               qk_rope_head_dim=dims.rope, v_head_dim=dims.v, head_dim=dims.rope, intermediate_size=config.mlp_width,
-              rms_norm_eps=config.norm_eps, hidden_act="silu", attention_bias=False, rope_interleave=True,
+              rms_norm_eps=config.norm_eps, hidden_act="silu", attention_bias=False,
               rope_parameters={"rope_type": "default", "rope_theta": config.rope_base},
               first_k_dense_replace=config.n_layers)  # every layer dense: the MoE fields keep their defaults
+    if arch.model_type == "deepseek_v3":  # V2 has no such field: its checkpoints always interleave
+        hf["rope_interleave"] = True
     return hf
 
 
@@ -427,9 +429,6 @@ def _read_mamba2(hf: dict) -> ModelConfig:
     # transformers 5 writes infinity as {"__float__": "Infinity"} (JSON has no inf).
     limit = [float(v["__float__"]) if isinstance(v, dict) else float(v)
              for v in hf.get("time_step_limit") or [0.0, math.inf]]
-    if limit[0] != 0.0 or limit[1] != math.inf:
-        raise UnsupportedConfigError(f"config.json: time_step_limit={limit} is not supported (attnzoo does not "
-                                     f"clamp dt; only [0.0, inf])")
     eps = hf.get("layer_norm_epsilon", 1e-5)
     if eps != GATED_NORM_EPS:
         raise UnsupportedConfigError(f"config.json: layer_norm_epsilon={eps}: attnzoo's Mamba-2 gated norm uses "
@@ -442,7 +441,8 @@ def _read_mamba2(hf: dict) -> ModelConfig:
                "head_dim": head_dim, "n_groups": hf.get("n_groups", 1), "chunk_size": hf.get("chunk_size", 256),
                "bias": bool(hf.get("use_bias", False)), "conv_bias": bool(hf.get("use_conv_bias", True)),
                "dt_min": hf.get("time_step_min", 1e-3), "dt_max": hf.get("time_step_max", 1e-1),
-               "dt_init_floor": hf.get("time_step_floor", 1e-4)}
+               "dt_init_floor": hf.get("time_step_floor", 1e-4), "dt_limit_min": limit[0],
+               "dt_limit_max": None if limit[1] == math.inf else limit[1]}
     fields = _base_fields(hf, n_heads=1, head_dim=None, n_kv_heads=None, norm_eps=eps, rope_base=10_000.0,
                           mlp_hidden=None)
     return ModelConfig(**fields, plan=[layer_spec("mamba2", options, {"mlp": None})] * hf["num_hidden_layers"])
@@ -459,7 +459,8 @@ def _write_mamba2(config: ModelConfig, arch: "Architecture") -> dict[str, Any]:
               num_heads=o.expand * config.d_model // o.head_dim, n_groups=o.n_groups, chunk_size=o.chunk_size,
               use_bias=o.bias, use_conv_bias=o.conv_bias, hidden_act="silu", layer_norm_epsilon=config.norm_eps,
               time_step_min=o.dt_min, time_step_max=o.dt_max, time_step_floor=o.dt_init_floor,
-              time_step_limit=[0.0, math.inf], residual_in_fp32=True)
+              time_step_limit=[o.dt_limit_min, math.inf if o.dt_limit_max is None else o.dt_limit_max],
+              residual_in_fp32=True)
     return hf
 
 
@@ -508,10 +509,12 @@ def architecture_for_config(hf: dict) -> Architecture:
     return ARCHITECTURES[model_type]
 
 
-def architecture_for_model(config: ModelConfig) -> Architecture:
-    """The Hugging Face architecture that holds this plan exactly, or an error naming the layer that none holds."""
+def architecture_for_model(config: ModelConfig, prefer: str | None = None) -> Architecture:
+    """The Hugging Face architecture that holds this plan exactly, or an error naming the layer that none holds.
+    `prefer`: a model_type to choose where several hold the plan alike (an MLA plan: deepseek_v2 or, by default,
+    deepseek_v3); ignored where it does not hold the plan."""
     supported = ("plans of only gqa / mha / mqa layers (Llama, Mistral, Qwen2, Qwen3), only mla layers "
-                 "(DeepSeek-V3) or only mamba2[mlp=none] layers (Mamba-2)")
+                 "(DeepSeek-V3 or V2) or only mamba2[mlp=none] layers (Mamba-2)")
     kinds = {"gqa": "gqa", "mha": "gqa", "mqa": "gqa", "mla": "mla", "mamba2": "mamba2"}
     first = kinds.get(config.layers[0].mixer)
     for i, (spec, block) in enumerate(zip(config.layers, config.block_options)):
@@ -527,7 +530,7 @@ def architecture_for_model(config: ModelConfig) -> Architecture:
             raise UnsupportedConfigError(f"save_pretrained: layer {i} ({spec}) has block options {block}; this "
                                          f"architecture needs {needs}")
     if first == "mla":
-        return ARCHITECTURES["deepseek_v3"]
+        return ARCHITECTURES["deepseek_v2" if prefer == "deepseek_v2" else "deepseek_v3"]
     if first == "mamba2":
         return ARCHITECTURES["mamba2"]
     return ARCHITECTURES[_choose_llama_family(config)]

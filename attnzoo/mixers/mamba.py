@@ -16,10 +16,15 @@ With I = d_inner = expand * d_model channels, N = d_state, R = dt_rank:
     y_t[i]   = sum_n C_t[n] h_t[i,n] + D[i] x_t[i]
     out    = out_proj(y * SiLU(z))
 
-Initialisation as the reference: dt_proj.bias = inverse softplus of dt ~ LogUniform[dt_min, dt_max] floored at
-dt_init_floor; dt_proj.weight ~ U(-R^-1/2, R^-1/2); A_log[i, n] = log(n + 1); D = 1 (A_log and D in float32 always).
-in_proj / x_proj / out_proj use the zoo's fan-in normal init (out_proj shrunk by 1/sqrt(2 n_layers) like every
-residual output here) instead of PyTorch's uniform one.
+Initialisation as the reference (mamba_simple.py's `Mamba` with mixer_seq_simple.py's `_init_weights`, which
+transformers' MambaMixer / `_init_weights` repeat): in_proj, x_proj and out_proj have PyTorch's nn.Linear init,
+U(-1/sqrt(fan_in), 1/sqrt(fan_in)), and zero biases; with `rescale_prenorm_residual` (the reference's default)
+out_proj is then divided by sqrt(the model's residual branches: one per layer plus one per MLP, the reference's
+n_residuals_per_layer * n_layer); dt_proj.weight ~ U(-s, s) (`dt_init="random"`) or = s (`"constant"`) with
+s = dt_scale R^-1/2; dt_proj.bias = inverse softplus of dt ~ LogUniform[dt_min, dt_max] floored at dt_init_floor;
+A_log[i, n] = log(n + 1); D = 1 (A_log and D in float32 always); conv1d keeps PyTorch's Conv1d init. (transformers'
+MambaConfig defaults rescale_prenorm_residual to false: `rescale_prenorm_residual=false` gives its init.) Other
+mixers here use a fan-in normal init with residual outputs shrunk by 1/sqrt(2 n_layers).
 
 The scan (`selective_scan`) is chunked pure JAX: within a chunk of Q positions, the decay from s to t is
 exp(sum_{s<r<=t} dt_r A) per (channel, state), built from chunk-local cumulative sums of dt A (the stable segment
@@ -58,7 +63,6 @@ from flax import nnx
 
 from attnzoo.cache import rows_before
 from attnzoo.config import ModelConfig
-from attnzoo.layers import dense
 from attnzoo.mixers.base import ForwardContext, Mixer, MixerOutput, SharedParams, Supports
 from attnzoo.registry import register
 
@@ -68,6 +72,8 @@ class MambaOptions:
     """d_state: N, the state size per channel (16). d_conv: taps of the causal depthwise conv (4). expand: d_inner =
     expand * d_model (2). dt_rank: R, the rank of the dt projection; "auto" = ceil(d_model / 16).
     dt_min, dt_max: the log-uniform range of the initial dt; dt_init_floor: its lower clamp.
+    dt_init: dt_proj.weight ~ U(-s, s) ("random") or = s ("constant"), s = dt_scale * dt_rank^-1/2; dt_scale (1).
+    rescale_prenorm_residual: out_proj's init divided by sqrt(the model's residual branches) (true, as the reference).
     conv_bias: a bias in conv1d (true). bias: biases in in_proj and out_proj (false).
     chunk_size: positions per chunk of the chunked scan (an implementation knob: the result does not depend on it)."""
 
@@ -78,6 +84,9 @@ class MambaOptions:
     dt_min: float = 1e-3
     dt_max: float = 1e-1
     dt_init_floor: float = 1e-4
+    dt_init: Literal["random", "constant"] = "random"
+    dt_scale: float = 1.0
+    rescale_prenorm_residual: bool = True
     conv_bias: bool = True
     bias: bool = False
     chunk_size: int = 16
@@ -93,6 +102,8 @@ class MambaOptions:
             raise ValueError(f"dt_min={self.dt_min} and dt_max={self.dt_max} must satisfy 0 < dt_min < dt_max")
         if self.dt_init_floor < 0:
             raise ValueError(f"dt_init_floor={self.dt_init_floor} must be >= 0")
+        if self.dt_scale <= 0:
+            raise ValueError(f"dt_scale={self.dt_scale} must be > 0")
 
 
 @jax.tree_util.register_dataclass
@@ -147,6 +158,21 @@ def selective_scan(x_BTI, dt_BTI, A_IN, B_BTN, C_BTN, h_BIN, *, chunk_size: int,
     return jnp.moveaxis(y_CBQI, 0, 1).reshape(b, n_chunks * q, i)[:, :t], h_BIN
 
 
+def torch_linear(d_in: int, d_out: int, *, use_bias: bool, scale: float = 1.0, dtype, param_dtype,
+                 rngs: nnx.Rngs) -> nnx.Linear:
+    """PyTorch nn.Linear's weight init U(-1/sqrt(d_in), 1/sqrt(d_in)) (kaiming_uniform with a = sqrt(5)) times
+    `scale`, and a zero bias (the reference's _init_weights zeroes Linear biases)."""
+    bound = scale / d_in**0.5
+    return nnx.Linear(d_in, d_out, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                      kernel_init=lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound))
+
+
+def residual_branches(config: ModelConfig) -> int:
+    """Residual branches of the model: one mixer per layer plus one per MLP (the reference's n_residuals_per_layer *
+    n_layer for a uniform stack)."""
+    return config.n_layers + sum(block.mlp is not None for block in config.block_options)
+
+
 class DepthwiseConv1d(nnx.Module):
     """PyTorch `Conv1d(I, I, d_conv, groups=I)` applied causally: weight [I, 1, d_conv], bias [I] (or none).
     PyTorch's default init U(-1/sqrt(d_conv), 1/sqrt(d_conv)), as the reference leaves it."""
@@ -194,22 +220,30 @@ class Mamba(Mixer):
         i, n, r = self.d_inner, self.d_state, self.dt_rank
         param_dtype = jnp.dtype(config.param_dtype)
         kw = dict(dtype=self.dtype, param_dtype=param_dtype, rngs=rngs)
-        self.in_proj = dense(d, 2 * i, use_bias=options.bias, **kw)
+        self.in_proj = torch_linear(d, 2 * i, use_bias=options.bias, **kw)
         self.conv1d = DepthwiseConv1d(i, options.d_conv, use_bias=options.conv_bias, param_dtype=param_dtype,
                                       rngs=rngs)
-        self.x_proj = dense(i, r + 2 * n, use_bias=False, **kw)
-        # dt_proj: U(-R^-1/2, R^-1/2) weight; bias = softplus^-1(dt), dt ~ LogUniform[dt_min, dt_max] >= floor.
+        self.x_proj = torch_linear(i, r + 2 * n, use_bias=False, **kw)
+        # dt_proj: U(-s, s) or constant s weight, s = dt_scale R^-1/2; bias = softplus^-1(dt),
+        # dt ~ LogUniform[dt_min, dt_max] >= floor.
+        dt_init_std = options.dt_scale * r**-0.5
+
+        def dt_weight(key, shape, dtype):
+            if options.dt_init == "constant":
+                return jnp.full(shape, dt_init_std, dtype)
+            return jax.random.uniform(key, shape, dtype, -dt_init_std, dt_init_std)
+
         log_dt_I = jax.random.uniform(rngs.params(), (i,), jnp.float32, math.log(options.dt_min),
                                       math.log(options.dt_max))
         dt_I = jnp.maximum(jnp.exp(log_dt_I), options.dt_init_floor)
         inverse_softplus_I = dt_I + jnp.log(-jnp.expm1(-dt_I))
-        self.dt_proj = nnx.Linear(
-            r, i, kernel_init=lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -r**-0.5, r**-0.5),
-            bias_init=lambda key, shape, dtype: inverse_softplus_I.astype(dtype), **kw)
+        self.dt_proj = nnx.Linear(r, i, kernel_init=dt_weight,
+                                  bias_init=lambda key, shape, dtype: inverse_softplus_I.astype(dtype), **kw)
         # S4D-real: A[i, n] = -(n + 1). A_log and D stay float32 whatever the model's param dtype.
         self.A_log = nnx.Param(jnp.broadcast_to(jnp.log(jnp.arange(1, n + 1, dtype=jnp.float32)), (i, n)))
         self.D = nnx.Param(jnp.ones((i,), jnp.float32))
-        self.out_proj = dense(i, d, use_bias=options.bias, scale=1 / (2 * config.n_layers) ** 0.5, **kw)
+        out_scale = residual_branches(config) ** -0.5 if options.rescale_prenorm_residual else 1.0
+        self.out_proj = torch_linear(i, d, use_bias=options.bias, scale=out_scale, **kw)
 
     def __call__(self, x_BTD, ctx: ForwardContext, cache: MambaCache | None = None) -> MixerOutput:
         b, t, _ = x_BTD.shape

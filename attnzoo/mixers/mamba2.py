@@ -11,7 +11,7 @@ N = d_state:
 
     z, xBC, dt = in_proj(u)                     u [B,T,D] -> z [I], xBC = [x (I), B (G N), C (G N)], dt [H]
     x, B, C    = SiLU(causal depthwise conv1d(xBC))           d_conv taps per channel of xBC, with bias
-    dt         = softplus(dt + dt_bias)                       [H] per token
+    dt         = clamp(softplus(dt + dt_bias), dt_limit)      [H] per token (no clamp by default)
     A          = -exp(A_log)                                  one scalar per head
     S_t[h]     = exp(dt_t[h] A[h]) S_{t-1}[h] + B_t[g(h)]^T (dt_t[h] x_t[h])        S [N, P] per head
     y_t[h]     = C_t[g(h)] S_t[h] + D[h] x_t[h]
@@ -21,10 +21,18 @@ The recurrence is the shared `pallas_kernels.chunked_linear_attention` op (q = C
 state [B, H, N, P] float32), so it runs on the XLA chunked reference or the Pallas Triton kernel as the model's
 `kernels` option says. v is built in the model's compute dtype; the decay and the state stay float32.
 
+Defaults are the paper's / reference's: d_state N = 128, head_dim 64, chunk 256 (the SSD chunk length; the result
+does not depend on it), dt_limit = (0, inf) (the reference's `dt_limit`, transformers' `time_step_limit`: dt is
+clamped into it after the softplus, everywhere, decode included; `dt_limit_min` / `dt_limit_max` set it).
+
 Initialisation as the reference: dt_bias = inverse softplus of dt ~ LogUniform[dt_min, dt_max] floored at
 dt_init_floor; A ~ U[A_init_min, A_init_max] per head, A_log = log A; D = 1; norm.weight = 1 (A_log, D, dt_bias in
 float32 always). in_proj / out_proj use the zoo's fan-in normal init (out_proj shrunk by 1/sqrt(2 n_layers)) instead
 of PyTorch's uniform one; conv1d keeps PyTorch's default U(-1/sqrt(d_conv), 1/sqrt(d_conv)).
+
+A call of T tokens shorter than the chunk runs the op with the smallest power of 2 >= max(T, 16) as its chunk (still
+a chunk every implementation takes when chunk_size is a power of 2 >= 16), so a decode step or a short prompt does
+not pad to 256 tokens.
 
 Decode state (`Mamba2Cache`): the last d_conv - 1 conv inputs (of xBC) and the ssm state [B, H, N, P] float32, a
 constant size (`cache_bytes_per_token() == 0`). Prefill of right-padded prompts passes the prompt lengths to the op
@@ -65,23 +73,26 @@ from attnzoo.registry import register
 
 @dataclasses.dataclass(frozen=True)
 class Mamba2Options:
-    """d_state: N, the state size per head (64; the reference's default is 128). d_conv: taps of the causal depthwise
-    conv over xBC (4). expand: d_inner = expand * d_model (2). head_dim: P, channels per head (64; must divide
-    d_inner). n_groups: G, the number of B/C groups shared by H / G heads each (1; must divide the heads).
-    chunk_size: tokens per chunk of the SSD algorithm (64; an implementation knob: the Triton kernel needs a power of
-    2 >= 16). dt_min, dt_max: the log-uniform range of the initial dt; dt_init_floor: its lower clamp.
+    """d_state: N, the state size per head (128). d_conv: taps of the causal depthwise conv over xBC (4). expand:
+    d_inner = expand * d_model (2). head_dim: P, channels per head (64; must divide d_inner). n_groups: G, the number
+    of B/C groups shared by H / G heads each (1; must divide the heads). chunk_size: tokens per chunk of the SSD
+    algorithm (256; an implementation knob: the Triton kernel needs a power of 2 >= 16). dt_min, dt_max: the
+    log-uniform range of the initial dt; dt_init_floor: its lower clamp. dt_limit_min, dt_limit_max: dt is clamped
+    into [dt_limit_min, dt_limit_max] after the softplus (0 and none = inf: no clamp, the reference's default).
     A_init_min, A_init_max: A ~ U[A_init_min, A_init_max] per head at init (the reference's A_init_range (1, 16)).
     conv_bias: a bias in conv1d (true). bias: biases in in_proj and out_proj (false)."""
 
-    d_state: int = 64
+    d_state: int = 128
     d_conv: int = 4
     expand: int = 2
     head_dim: int = 64
     n_groups: int = 1
-    chunk_size: int = 64
+    chunk_size: int = 256
     dt_min: float = 1e-3
     dt_max: float = 1e-1
     dt_init_floor: float = 1e-4
+    dt_limit_min: float = 0.0
+    dt_limit_max: float | None = None
     A_init_min: float = 1.0
     A_init_max: float = 16.0
     conv_bias: bool = True
@@ -96,6 +107,9 @@ class Mamba2Options:
             raise ValueError(f"dt_min={self.dt_min} and dt_max={self.dt_max} must satisfy 0 < dt_min < dt_max")
         if self.dt_init_floor < 0:
             raise ValueError(f"dt_init_floor={self.dt_init_floor} must be >= 0")
+        if self.dt_limit_min < 0 or (self.dt_limit_max is not None and self.dt_limit_max <= self.dt_limit_min):
+            raise ValueError(f"dt_limit_min={self.dt_limit_min} and dt_limit_max={self.dt_limit_max} must satisfy "
+                             f"0 <= dt_limit_min < dt_limit_max (none: no upper limit)")
         if not 0 < self.A_init_min <= self.A_init_max:
             raise ValueError(f"A_init_min={self.A_init_min} and A_init_max={self.A_init_max} must satisfy "
                              f"0 < A_init_min <= A_init_max")
@@ -153,6 +167,7 @@ class Mamba2(Mixer):
         self.head_dim, self.n_groups = options.head_dim, options.n_groups
         self.n_heads = self.d_inner // self.head_dim
         self.d_conv, self.chunk_size = options.d_conv, options.chunk_size
+        self.dt_limit = (options.dt_limit_min, options.dt_limit_max)
         self.implementation = config.kernel("chunked_linear_attention")
         self.dtype = jnp.dtype(config.dtype)
         i, g, n, h = self.d_inner, self.n_groups, self.d_state, self.n_heads
@@ -189,13 +204,15 @@ class Mamba2(Mixer):
         x_BTHP = x_BTI.reshape(b, t, h, p)
 
         dt_BTH = jax.nn.softplus(dt_BTH.astype(jnp.float32) + self.dt_bias[...])
+        if self.dt_limit != (0.0, None):  # softplus is already >= 0: the default limit is no clamp
+            dt_BTH = jnp.clip(dt_BTH, *self.dt_limit)
         log_decay_BTH = dt_BTH * -jnp.exp(self.A_log[...])  # <= 0
         v_BTHP = (dt_BTH[..., None] * x_BTHP.astype(jnp.float32)).astype(x_BTHP.dtype)
         y_BTHP, ssm_BHNP = pallas_kernels.chunked_linear_attention(
             C_BTN.reshape(b, t, g, n), B_BTN.reshape(b, t, g, n), v_BTHP, log_decay_BTH,
             initial_state_BHEF=cache.ssm_BHNP if decode else None,
             lengths_B=ctx.lengths_B if ctx.mode == "prefill" else None, segment_ids_BT=documents_BT,
-            chunk_size=self.chunk_size, return_final_state=True, implementation=self.implementation)
+            chunk_size=self.call_chunk_size(t), return_final_state=True, implementation=self.implementation)
         y_BTHP = y_BTHP.astype(jnp.float32) + self.D[...][:, None] * x_BTHP.astype(jnp.float32)
         y_BTI = self.norm(y_BTHP.reshape(b, t, i), z_BTI)
 
@@ -208,6 +225,11 @@ class Mamba2(Mixer):
                 conv_BWC = jnp.where(rows_before(rows_document_BS == last_B, end_B, w)[..., None], conv_BWC, 0)
             cache = Mamba2Cache(conv_BWC.astype(cache.conv_BWC.dtype), ssm_BHNP)
         return MixerOutput(self.out_proj(y_BTI), cache)
+
+    def call_chunk_size(self, t: int) -> int:
+        """The op's chunk for a call of t tokens: chunk_size, or for a shorter call the smallest power of 2 >= t
+        (at least 16), which only trims padding (the result does not depend on the chunk)."""
+        return min(self.chunk_size, max(16, 1 << (t - 1).bit_length()))
 
     def init_cache(self, batch: int, max_len: int) -> Mamba2Cache:
         return Mamba2Cache(jnp.zeros((batch, self.d_conv - 1, self.conv_channels), self.dtype),

@@ -23,7 +23,11 @@ turns attention into MQA with one latent head over the cache (V2 section 2.1.2):
 
 (q/k width d_c + d_h^R and v width d_c: 576 / 512 in the DeepSeek shape; the scale stays 1/sqrt(d_h + d_h^R)).
 `decode="naive"` instead re-up-projects the cached latent to per-head K/V (as MaxText does); both equal the full
-forward. Projections are named as in DeepSeek's released Hugging Face checkpoints (q_proj or q_a_proj /
+forward.
+
+FLOPs: `flops_per_token(seq_len)` counts the training / prefill path; `decode_flops_per_token(context_len)` one
+decoded token on the absorbed (or naive) path, whose attention runs at d_c + d_h^R / d_c per head instead of
+d_h + d_h^R / d_v, with the up-projections once per token (absorbed) or over the whole context (naive). Projections are named as in DeepSeek's released Hugging Face checkpoints (q_proj or q_a_proj /
 q_a_layernorm / q_b_proj, kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj); RoPE is rotate-half here, the
 checkpoints use interleaved pairs (a fixed permutation of the rotary columns of q_b_proj and kv_a_proj_with_mqa).
 Softmax attention runs through `attnzoo.attention` (the model's `flash_attention` / `decode_attention` kernels).
@@ -219,13 +223,37 @@ class MultiHeadLatentAttention(Mixer):
     def cache_bytes_per_token(self) -> int:
         return self.dims.latent * dtype_bytes(self.cache_dtype)
 
-    def flops_per_token(self, seq_len: int) -> int:
-        """The training / prefill path: projections (up-projections included), then MHA with q.k at d_h + d_h^R
-        and p.v at d_v over the average causal context."""
+    def _projection_flops(self) -> int:
+        """Per token on every path: the query projections, W^DKV / W^KR (the latent) and W^O."""
         dims, d = self.dims, self.o_proj.out_features
         h = dims.n_heads
         q_proj = d * dims.q_lora + dims.q_lora * h * dims.qk if dims.q_lora else d * h * dims.qk
-        kv_proj = d * dims.latent + dims.kv_lora * h * (dims.nope + dims.v)
-        proj = 2 * (q_proj + kv_proj + h * dims.v * d)
+        return 2 * (q_proj + d * dims.latent + h * dims.v * d)
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """The training / prefill path: projections, the token's up-projection W^UK / W^UV, then MHA with q.k at
+        d_h + d_h^R and p.v at d_v over the average causal context. Decode costs differ: decode_flops_per_token."""
+        dims = self.dims
+        h = dims.n_heads
+        up = 2 * dims.kv_lora * h * (dims.nope + dims.v)
         attend = 2 * h * (dims.qk + dims.v) * average_context(seq_len, None)
-        return int(round(proj + attend))
+        return int(round(self._projection_flops() + up + attend))
+
+    def decode_flops_per_token(self, context_len: int, path: Literal["absorbed", "naive"] | None = None) -> int:
+        """FLOPs of one decoded token attending `context_len` cached tokens (itself included), on `path` (default
+        this layer's `decode` option); 2 per multiply-add, as flops_per_token.
+
+        absorbed: projections + 2 n_h d_c (d_h + d_v) (W^UK into the query, W^UV out of the latent output: once per
+          token, whatever the context) + 2 n_h ((d_c + d_h^R) + d_c) context_len (MQA over the 576 / 512-wide
+          latent in the DeepSeek shape).
+        naive: projections + 2 context_len d_c n_h (d_h + d_v) (the cached latent re-up-projected at every step)
+          + 2 n_h ((d_h + d_h^R) + d_v) context_len (MHA at 192 / 128)."""
+        path = path or self.decode_path
+        if path not in ("absorbed", "naive"):
+            raise ValueError(f"path={path!r} must be 'absorbed' or 'naive' (or none: the layer's decode option)")
+        dims = self.dims
+        h = dims.n_heads
+        up = 2 * dims.kv_lora * h * (dims.nope + dims.v)
+        if path == "absorbed":
+            return self._projection_flops() + up + 2 * h * (dims.latent + dims.kv_lora) * context_len
+        return self._projection_flops() + (up + 2 * h * (dims.qk + dims.v)) * context_len
