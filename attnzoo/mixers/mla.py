@@ -23,11 +23,13 @@ turns attention into MQA with one latent head over the cache (V2 section 2.1.2):
 
 (q/k width d_c + d_h^R and v width d_c: 576 / 512 in the DeepSeek shape; the scale stays 1/sqrt(d_h + d_h^R)).
 `decode="naive"` instead re-up-projects the cached latent to per-head K/V (as MaxText does); both equal the full
-forward.
+forward (in float32 to 1e-6; in bfloat16 naive decode is bit-exact, while the absorbed products round in another
+order: their error against a float32 model stays that of the bf16 forward, and float32 products did not reduce it).
 
 FLOPs: `flops_per_token(seq_len)` counts the training / prefill path; `decode_flops_per_token(context_len)` one
 decoded token on the absorbed (or naive) path, whose attention runs at d_c + d_h^R / d_c per head instead of
-d_h + d_h^R / d_v, with the up-projections once per token (absorbed) or over the whole context (naive). Projections are named as in DeepSeek's released Hugging Face checkpoints (q_proj or q_a_proj /
+d_h + d_h^R / d_v, with the up-projections once per token (absorbed) or over the whole context (naive).
+Projections are named as in DeepSeek's released Hugging Face checkpoints (q_proj or q_a_proj /
 q_a_layernorm / q_b_proj, kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj); RoPE is rotate-half here, the
 checkpoints use interleaved pairs (a fixed permutation of the rotary columns of q_b_proj and kv_a_proj_with_mqa).
 Softmax attention runs through `attnzoo.attention` (the model's `flash_attention` / `decode_attention` kernels).
