@@ -72,6 +72,10 @@ def _build_shared(config: ModelConfig, rngs: nnx.Rngs) -> SharedParams:
 
 
 class LanguageModel(nnx.Module):
+    # The Hugging Face model_type a model was loaded from (attnzoo.interop.load_pretrained sets it), which
+    # save_pretrained writes back where several types could hold the plan (DeepSeek V2 / V3); None: not loaded.
+    hf_model_type: str | None = None
+
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
         param_dtype = jnp.dtype(config.param_dtype)
