@@ -10,7 +10,7 @@ greedy generations (reference.json). The weights are not committed: `random_tens
 imported by tests/test_interop.py too) draws them from the seed, the script writes them as model.safetensors,
 transformers loads that file strictly (no missing, unexpected or mismatched tensor) and computes the reference.
 
---check-saved DIR: DIR is what `python -m attnzoo.interop export RUN_DIR DIR` (save_pretrained of a trained model)
+--check-saved DIR: DIR is what `attnzoo-export RUN_DIR DIR` (save_pretrained of a trained model, and a model card)
 wrote, with attnzoo's own logits and greedy tokens in attnzoo_reference.json; transformers loads DIR strictly and
 must reproduce both (logits within 1e-4, identical tokens). Exit status 0 when it does.
 """
@@ -161,7 +161,7 @@ def check_saved(directory: Path) -> int:
     """transformers loads `directory` strictly and reproduces attnzoo's logits and greedy tokens."""
     if not (directory / "attnzoo_reference.json").exists():
         raise SystemExit(f"{directory}: no attnzoo_reference.json; write the directory with "
-                         f"`python -m attnzoo.interop export RUN_DIR {directory}`")
+                         f"`attnzoo-export RUN_DIR {directory}`")
     expected = json.loads((directory / "attnzoo_reference.json").read_text())
     model = _strict_load(directory)
     out = _outputs(model, expected["logits_tokens"], expected["prompts"], expected["new_tokens"])

@@ -1,22 +1,28 @@
-"""The command lines end to end on a tiny run: attnzoo-train's early checks, failure cleanup and run extension,
-attnzoo-generate and attnzoo-eval."""
+"""The command lines end to end on a tiny run: attnzoo-train's early checks, failure cleanup, run extension and
+TensorBoard scalars, attnzoo-generate, attnzoo-eval and attnzoo-export."""
 
 import contextlib
 import io
 import json
+import re
 import shutil
 import signal
+import sys
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tensorboard_events import jsonl_scalars, read_scalars
 
 from attnzoo import LanguageModel, ModelConfig, generate
 from attnzoo.data import TokenDataset, load_tokenizer, text_corpus
+from attnzoo.interop import load_pretrained
+from attnzoo.provenance import code_identity
 from attnzoo.train import TrainConfig, train
 from attnzoo.train import cli as train_cli
-from attnzoo.train import eval_cli, generate_cli
+from attnzoo.train import eval_cli, export_cli, generate_cli
 from attnzoo.train import trainer as trainer_module
 from attnzoo.train.runs import load_run
 
@@ -47,6 +53,10 @@ def _write_corpus(directory, docs: int = 3, sentences: int = 60):
 def _records(run_dir, kind: str) -> list[dict]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def _all_records(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def _trajectory(run_dir) -> list[tuple[int, float, float]]:
@@ -102,6 +112,13 @@ def test_corpus_shorter_than_a_window_exits_2_naming_the_split(tmp_path, fresh_c
     assert code == 2
     assert f"the '{split}' split has {tokens} tokens, fewer than seq_len + 1 = 17" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_missing_tracker_package_exits_2_before_tokenizing(tmp_path, fresh_cache, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not importable, whether installed here or not
+    code, _, err = _run_cli(train_cli.main, [*TINY_ARGS, "--wandb", "zoo", "--run-dir", str(tmp_path / "run")])
+    assert code == 2 and "--wandb zoo: the wandb package is not installed; `pip install wandb`" in err
+    assert not (tmp_path / "run").exists() and not fresh_cache.exists()
 
 
 def test_seq_len_beyond_the_models_max_exits_2(tmp_path, fresh_cache):
@@ -163,6 +180,16 @@ def test_a_run_dir_without_a_checkpoint_resumes_from_step_0(tiny_run, tmp_path):
     assert load_tokenizer(run_dir / "tokenizer").identity == "byte"
 
 
+# -- attnzoo-train: TensorBoard ----------------------------------------------------------------------------------
+
+def test_a_run_writes_tensorboard_scalars_equal_to_metrics_jsonl(tiny_run):
+    _, run_dir = tiny_run
+    logged = read_scalars(run_dir / "tb")
+    assert logged == jsonl_scalars(_all_records(run_dir))
+    assert {(tag, 4) for tag in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s",
+                                 "eval/val_loss", "eval/val_ppl")} <= set(logged)
+
+
 # -- attnzoo-train --resume --steps: extending a run -----------------------------------------------------------
 
 def test_resume_with_more_steps_extends_the_run_at_the_floor_lr(tiny_run, tmp_path):
@@ -181,6 +208,7 @@ def test_resume_with_more_steps_extends_the_run_at_the_floor_lr(tiny_run, tmp_pa
     training = TrainConfig.from_dict(saved["train"])
     floor = np.float32(training.lr * training.min_lr_ratio)
     assert [np.float32(lr) for _, _, lr in extended[4:]] == [floor, floor]
+    assert read_scalars(run_dir / "tb") == jsonl_scalars(_all_records(run_dir))  # both sessions' event files
 
     # The same 6 steps from scratch, with the schedule of the original 4, match bit for bit.
     tokenizer = load_tokenizer(run_dir / "tokenizer")
@@ -285,9 +313,65 @@ def test_attnzoo_train_trains_a_zoo_hybrid(tiny_run, tmp_path):
     corpus, _ = tiny_run
     run_dir = tmp_path / "zoo"
     code, out, err = _run_cli(train_cli.main, [*TINY_ARGS, "--plan", "mla,ccgqa,moh,gated", "--data", str(corpus),
-                                               "--run-dir", str(run_dir)])
+                                               "--run-dir", str(run_dir), "--no-tb"])
     assert code == 0, err
     assert "plan mla,ccgqa,moh,gated" in out
+    assert not (run_dir / "tb").exists()  # --no-tb
     losses = [record["loss"] for record in _records(run_dir, "train")]
     assert len(losses) == 4 and np.isfinite(losses).all()
     assert np.isfinite(_records(run_dir, "eval")[-1]["val_loss"])
+
+
+# -- attnzoo-export ---------------------------------------------------------------------------------------------
+
+def _card_tables(card: str) -> dict[str, dict[str, str]]:
+    """{section heading: {row name: value}} of the model card's two-column tables."""
+    tables, current = {}, None
+    for line in card.splitlines():
+        if heading := re.fullmatch(r"#{2,3} (.+)", line):
+            current = tables.setdefault(heading[1], {})
+        elif current is not None and (row := re.fullmatch(r"\| (.+?) \| (.*) \|", line)):
+            current[row[1]] = row[2]
+    return tables
+
+
+def test_export_writes_a_loadable_directory_whose_model_card_describes_the_run(tiny_run, tmp_path):
+    _, run_dir = tiny_run
+    out_dir = tmp_path / "hf"
+    code, out, err = _run_cli(export_cli.main, [str(run_dir), str(out_dir)])
+    assert code == 0, err
+    assert "LlamaForCausalLM (llama)" in out and "step 4" in out
+
+    run = load_run(run_dir)
+    saved, summary = run.config, run.model.summary(run.training.seq_len)
+    last_eval = _records(run_dir, "eval")[-1]
+    card = (out_dir / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\n") and "\n- attnzoo\n- jax\n" in card
+    tables, config = _card_tables(card), run.model.config
+    assert tables["Architecture"] == {
+        "plan": f"`{config.plan}`", "layers": "4", "d_model": str(config.d_model), "heads": str(config.n_heads),
+        "kv heads": str(config.n_kv_heads or config.n_heads), "vocab": "259", "max_seq_len": "256",
+        "parameters": f"{summary.total_params:,}", "KV-cache bytes / token": f"{summary.kv_cache_bytes_per_token:,}"}
+    assert tables["Data"]["corpus"] == saved["data"]["name"]
+    assert tables["Data"]["fingerprint"] == saved["data"]["fingerprint"]
+    training = tables["Training"]
+    assert (training["steps"], training["batch size"], training["seq_len"], training["peak lr"]) == (
+        "4 of 4", "2", "16", "0.003")
+    assert tables["Results"] == {"val loss (nats/token)": f"{last_eval['val_loss']:.4f}",
+                                 "perplexity": f"{last_eval['val_ppl']:.2f}", "evaluated at step": "4"}
+    unknown = "unknown (no git checkout)"
+    assert tables["Trained by"]["commit"] == (saved["code"]["commit"] or unknown)
+    assert tables["Trained by"]["dirty"].startswith({True: "yes", False: "no", None: "unknown"}[saved["code"]["dirty"]])
+    assert tables["Trained by"]["source hash"] == saved["code"]["source_hash"]
+    assert tables["Exported by"]["commit"] == (code_identity()["commit"] or unknown)
+    assert "load_pretrained(" in card
+
+    model, tokenizer = load_pretrained(out_dir, kernels={"flash_attention": "xla", "decode_attention": "xla"})
+    assert tokenizer.identity == run.tokenizer.identity
+    tokens = jnp.asarray([[int(t) for t in run.tokenizer.encode("the cat sat on")]])
+    np.testing.assert_allclose(model(tokens).logits_BTV, run.model(tokens).logits_BTV, rtol=1e-5, atol=1e-5)
+    assert json.loads((out_dir / "attnzoo_reference.json").read_text())["new_tokens"] == 12
+
+    code, _, err = _run_cli(export_cli.main, [str(run_dir), str(tmp_path / "other"), "--step", "3"])
+    assert code == 2 and "attnzoo-export: error: " in err and "no checkpoint of step 3" in err
+    assert not (tmp_path / "other").exists()

@@ -1,5 +1,6 @@
 """Tests for attnzoo.data: tokenizers, corpora, token datasets, MQAR."""
 
+import json
 import os
 
 import numpy as np
@@ -12,6 +13,7 @@ from attnzoo.data import (
     ArrayDataset,
     BPETokenizer,
     ByteTokenizer,
+    HFTokenizer,
     TokenDataset,
     load_text_dataset,
     load_tokenizer,
@@ -21,6 +23,7 @@ from attnzoo.data import (
     text_corpus,
     unigram_entropy,
 )
+from attnzoo.data.tokenizers import load_directory_tokenizer
 
 SAMPLE_TEXT = "def f(x):\n    return x + 1  # héllo wörld 日本語 🎉\n\tclass A: pass\n"
 
@@ -105,6 +108,25 @@ def test_make_tokenizer_kinds_and_errors():
 def test_load_tokenizer_missing_dir_is_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer: no tokenizer_meta.json"):
         load_tokenizer(tmp_path)
+
+
+def test_a_hugging_face_tokenizer_json_with_its_special_ids_is_restored_from_a_run(bpe, tmp_path):
+    """A pretrained directory's bare tokenizer.json becomes an HFTokenizer (special ids from tokenizer_config.json,
+    else config.json's, the first of a list); saved into a run, load_tokenizer restores it (kind "hf")."""
+    pretrained = tmp_path / "pretrained"
+    bpe.save(pretrained)
+    (pretrained / "tokenizer_meta.json").unlink()  # as a Hugging Face checkpoint ships it
+    (pretrained / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<eos>"}}))
+    tok = load_directory_tokenizer(pretrained, {"bos_token_id": [0, 7], "eos_token_id": 5})
+    assert isinstance(tok, HFTokenizer) and (tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, None)
+    text = "the lazy dog " + SAMPLE_TEXT
+    np.testing.assert_array_equal(tok.encode(text), bpe.encode(text))
+    tok.save(tmp_path / "run_tokenizer")
+    restored = load_tokenizer(tmp_path / "run_tokenizer")
+    assert isinstance(restored, HFTokenizer) and restored.identity == tok.identity
+    assert (restored.bos_id, restored.eos_id, restored.pad_id) == (0, 1, None)
+    assert restored.decode(restored.encode(text)) == text
+    assert load_directory_tokenizer(tmp_path / "run_tokenizer").identity == tok.identity
 
 
 # ---------------------------------------------------------------- corpora

@@ -21,7 +21,7 @@ from safetensors.numpy import load_file, save_file
 from attnzoo import LanguageModel, ModelConfig, generate
 from attnzoo.data import ByteTokenizer
 from attnzoo.interop import CheckpointTensorError, UnsupportedConfigError, load_pretrained, save_pretrained
-from attnzoo.interop.__main__ import write_reference
+from attnzoo.train.export_cli import write_reference
 from attnzoo.interop.pretrained import INDEX_FILE
 from attnzoo.interop.tables import deinterleave_order
 from attnzoo.layers import apply_rope
@@ -114,7 +114,7 @@ def test_save_then_load_round_trips_every_architecture(arch, tmp_path):
     for (path, before), (_, after) in zip(nnx.to_flat_state(nnx.state(model, nnx.Param)),
                                           nnx.to_flat_state(nnx.state(again, nnx.Param))):
         np.testing.assert_array_equal(before[...], after[...], err_msg=str(path))
-    expected_type = {"deepseek_v2": "deepseek_v3", "llama_tied_linear": "llama"}.get(arch, arch)
+    expected_type = {"llama_tied_linear": "llama"}.get(arch, arch)
     assert written.model_type == expected_type
 
 
@@ -169,13 +169,43 @@ def _edit_config(directory: Path, **changes) -> None:
      "RoPE scaling type 'yarn' is not implemented"),
     ("llama", dict(hidden_act="gelu"), "hidden_act='gelu' is not supported"),
     ("llama", dict(quantization_config={"quant_method": "gptq"}), "quantization_config have no attnzoo counterpart"),
-    ("mamba2", dict(time_step_limit=[0.0, 0.5]), "time_step_limit"),
+    ("mamba2", dict(norm_before_gate=True), "norm_before_gate=True is not supported"),
 ])
 def test_unrepresentable_config_fields_fail_naming_them(arch, changes, match, tmp_path):
     write_checkpoint(arch, tmp_path)
     _edit_config(tmp_path, **changes)
     with pytest.raises(UnsupportedConfigError, match=match):
         load_pretrained(tmp_path)
+
+
+def test_mamba2_time_step_limit_is_the_dt_clamp_both_ways(tmp_path):
+    write_checkpoint("mamba2", tmp_path / "in")
+    _edit_config(tmp_path / "in", time_step_limit=[0.01, 0.5])
+    model, _ = load_pretrained(tmp_path / "in", kernels=XLA)
+    assert {(o.dt_limit_min, o.dt_limit_max) for o in model.config.layer_options} == {(0.01, 0.5)}
+    save_pretrained(model, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["time_step_limit"] == [0.01, 0.5]
+
+
+def test_deepseek_v2_checkpoint_saves_as_deepseek_v2(tmp_path):
+    """A model loaded from a V2 directory is written back as V2 (model_type, architectures, no rope_interleave:
+    V2 always interleaves), reloads to identical logits, which are still transformers'; model_type= picks V3, and
+    one that cannot hold the plan fails naming it."""
+    reference = write_checkpoint("deepseek_v2", tmp_path / "in")
+    model, _ = load_pretrained(tmp_path / "in", kernels=XLA)
+    assert save_pretrained(model, tmp_path / "out").model_type == "deepseek_v2"
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (config["model_type"], config["architectures"]) == ("deepseek_v2", ["DeepseekV2ForCausalLM"])
+    assert "rope_interleave" not in config
+    again, _ = load_pretrained(tmp_path / "out", kernels=XLA)
+    tokens = jnp.asarray(reference["logits_tokens"])
+    logits = logits_of(again, tokens)
+    np.testing.assert_array_equal(logits, logits_of(model, tokens))
+    np.testing.assert_allclose(logits, np.load(FIXTURES / "deepseek_v2" / "logits.npy"), atol=1e-4, rtol=0)
+    assert save_pretrained(model, tmp_path / "v3", model_type="deepseek_v3").model_type == "deepseek_v3"
+    assert json.loads((tmp_path / "v3" / "config.json").read_text())["rope_interleave"] is True
+    with pytest.raises(UnsupportedConfigError, match="model_type='llama' cannot hold plan"):
+        save_pretrained(model, tmp_path / "llama", model_type="llama")
 
 
 def _edit_tensors(directory: Path, edit) -> None:

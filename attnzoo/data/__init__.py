@@ -1,4 +1,5 @@
-"""Data for attnzoo: tokenizers, text corpora, token datasets with (seed, step)-pure batches, synthetic tasks."""
+"""Data for attnzoo: tokenizers (byte, BPE, a Hugging Face tokenizer.json), text corpora, token datasets with
+(seed, step)-pure batches, synthetic tasks."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import os
 from attnzoo.data.corpus import NAMED_CORPORA, TextCorpus, kjv_corpus, load_corpus, stdlib_corpus, text_corpus
 from attnzoo.data.dataset import IGNORE_INDEX, ArrayDataset, TokenDataset, unigram_entropy
 from attnzoo.data.synthetic import mqar
-from attnzoo.data.tokenizers import BPETokenizer, ByteTokenizer, Tokenizer, load_tokenizer, make_tokenizer
+from attnzoo.data.tokenizers import (BPETokenizer, ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer,
+                                     make_tokenizer)
 
 
 def load_text_dataset(data: str | list[str], tokenizer: Tokenizer, cache_dir: str | os.PathLike) -> TokenDataset:
@@ -21,6 +23,7 @@ __all__ = [
     "ArrayDataset",
     "BPETokenizer",
     "ByteTokenizer",
+    "HFTokenizer",
     "TextCorpus",
     "TokenDataset",
     "Tokenizer",

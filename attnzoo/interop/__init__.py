@@ -2,10 +2,10 @@
 Mamba-2): `load_pretrained(directory) -> (model, tokenizer)` and `save_pretrained(model, directory, tokenizer)`.
 The per-architecture tables are in `attnzoo.interop.tables`."""
 
+from attnzoo.data.tokenizers import HFTokenizer
 from attnzoo.interop.pretrained import (CheckpointTensorError, load_pretrained, load_weights, read_config,
                                         save_pretrained)
 from attnzoo.interop.tables import ARCHITECTURES, UnsupportedConfigError
-from attnzoo.interop.tokenizer import HFTokenizer
 
 __all__ = ["ARCHITECTURES", "CheckpointTensorError", "HFTokenizer", "UnsupportedConfigError", "load_pretrained",
            "load_weights", "read_config", "save_pretrained"]

@@ -24,9 +24,9 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from attnzoo.config import ModelConfig
+from attnzoo.data.tokenizers import load_directory_tokenizer, save_tokenizer
 from attnzoo.interop.tables import (LINEAR, ROPE_KV, ROPE_Q, Architecture, LayerContext, Layout,
-                                    architecture_for_config, architecture_for_model)
-from attnzoo.interop.tokenizer import load_directory_tokenizer, save_tokenizer
+                                    UnsupportedConfigError, architecture_for_config, architecture_for_model)
 from attnzoo.model import LanguageModel
 
 CONFIG_FILE = "config.json"
@@ -183,7 +183,9 @@ def load_pretrained(directory: str | os.PathLike, *, dtype: str | None = None, p
     """(LanguageModel, tokenizer or None) from a Hugging Face directory.
 
     The parameters keep the checkpoint's dtype (config.json `dtype` / `torch_dtype`) unless `param_dtype` is
-    given; the compute `dtype` defaults to the parameters'. `kernels` as ModelConfig.kernels."""
+    given; the compute `dtype` defaults to the parameters'. `kernels` as ModelConfig.kernels. The model remembers
+    the directory's model_type (`model.hf_model_type`), which save_pretrained writes back where several
+    architectures hold the plan (a DeepSeek-V2 checkpoint saves as deepseek_v2, not V3)."""
     hf, arch, config = read_config(directory)
     overrides = dict(dtype=dtype or param_dtype, param_dtype=param_dtype, kernels=kernels, max_seq_len=max_seq_len)
     config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
@@ -194,7 +196,9 @@ def load_pretrained(directory: str | os.PathLike, *, dtype: str | None = None, p
                                     f"directory does not hold")
     values, _ = _load_tensors(abstract, directory, hf, arch)
     _assign(params, values)
-    return nnx.merge(graphdef, params, rest), load_directory_tokenizer(directory, hf)
+    model = nnx.merge(graphdef, params, rest)
+    model.hf_model_type = arch.model_type
+    return model, load_directory_tokenizer(directory, hf)
 
 
 def load_weights(model: LanguageModel, directory: str | os.PathLike, fresh_layers: Iterable[int] = ()) -> list[str]:
@@ -210,13 +214,18 @@ def load_weights(model: LanguageModel, directory: str | os.PathLike, fresh_layer
 
 
 def save_pretrained(model: LanguageModel, directory: str | os.PathLike, tokenizer=None, *,
-                    max_shard_bytes: int | None = None) -> Architecture:
+                    max_shard_bytes: int | None = None, model_type: str | None = None) -> Architecture:
     """Write `model` as the Hugging Face architecture that holds its plan exactly (config.json, safetensors
     shards of at most `max_shard_bytes` with an index when there are several, and the tokenizer's files).
-    A plan with no Hugging Face counterpart (e.g. a gated or hybrid layer) raises UnsupportedConfigError naming
-    the layer. Returns the architecture written."""
+    Where several hold it (MLA: deepseek_v3, deepseek_v2), `model_type` chooses; by default the model_type the
+    model was loaded from (load_pretrained), else deepseek_v3. A plan with no Hugging Face counterpart (e.g. a
+    gated or hybrid layer), or a `model_type` that cannot hold it, raises UnsupportedConfigError naming it.
+    Returns the architecture written."""
     config = model.config
-    arch = architecture_for_model(config)
+    arch = architecture_for_model(config, prefer=model_type or model.hf_model_type)
+    if model_type is not None and arch.model_type != model_type:
+        raise UnsupportedConfigError(f"save_pretrained: model_type={model_type!r} cannot hold plan {config.plan}; "
+                                     f"it is written as {arch.model_type!r}")
     hf = arch.write_config(config, arch)
     params = _params(model)
     tensors = {p.hf: np.ascontiguousarray(p.layout.to_hf(np.asarray(params[p.zoo][...]), p.layer))

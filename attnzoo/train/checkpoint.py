@@ -6,7 +6,7 @@ A run directory holds
                      continued it)
     checkpoints/<step>/{state, meta}   params + optimizer state (+ "rest", the model's non-parameter state, such as
                      k-means centroids, when it has any) (Orbax), and {step, seed, data position} (JSON)
-    metrics.jsonl, loss.png, sample.txt, tokenizer files   written by the trainer / CLI
+    metrics.jsonl, tb/ (TensorBoard events), loss.png, sample.txt, tokenizer files   written by the trainer / CLI
 
 Orbax saves into `<step>.orbax-checkpoint-tmp*` and renames it only when complete, so a crash mid-save leaves
 a temporary directory that `latest_step` and `restore` never pick up. A run directory with run.json but no

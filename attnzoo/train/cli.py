@@ -17,7 +17,12 @@ too, else --tokenizer's, which must fit the vocabulary) instead of --preset. Wit
 the layers whose entry differs from the checkpoint's start with a freshly initialised mixer; their norms and MLP
 and every other layer load. Parameters train in float32 whatever the checkpoint's dtype.
 
-A run's checkpoints are used afterwards with attnzoo-generate (sampling) and attnzoo-eval (loss, perplexity).
+Metrics go to RUN_DIR/metrics.jsonl and, unless --no-tb, as TensorBoard scalars to RUN_DIR/tb
+(`tensorboard --logdir RUN_DIR/tb`); --wandb PROJECT / --trackio PROJECT log them to Weights & Biases / trackio too
+(when installed).
+
+A run's checkpoints are used afterwards with attnzoo-generate (sampling), attnzoo-eval (loss, perplexity) and
+attnzoo-export (a Hugging Face directory with a model card).
 """
 
 from __future__ import annotations
@@ -33,11 +38,13 @@ from flax import nnx
 
 from attnzoo.config import PRESETS, get_preset
 from attnzoo.data import TokenDataset, load_corpus, load_tokenizer, make_tokenizer, unigram_entropy
+from attnzoo.data.tokenizers import load_directory_tokenizer
 from attnzoo.data.corpus import DATA_HELP
 from attnzoo.model import LanguageModel
 from attnzoo.train.checkpoint import RUN_CONFIG_FILE, ConfigMismatchError, RunDirError, ensure_no_run, read_run_config
 from attnzoo.train.optim import PARALLELISMS, TrainConfig
 from attnzoo.train.sharding import maybe_initialize_distributed
+from attnzoo.train.tracking import TENSORBOARD_DIR, TrackingConfig
 from attnzoo.train.trainer import TOKENIZER_DIR, NonFiniteLossError, TrainingInterrupted, train
 
 # Training defaults per preset. `tiny` is sized to finish on a 2-core CPU in a few minutes.
@@ -97,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-bad-steps", type=int, default=10,
                    help="stop after this many non-finite steps in a row (each is skipped, never applied; default 10)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-tb", action="store_true", help="no TensorBoard event files (default: in RUN_DIR/tb)")
+    p.add_argument("--wandb", metavar="PROJECT", help="also log the metrics to this Weights & Biases project "
+                                                      "(needs the wandb package)")
+    p.add_argument("--trackio", metavar="PROJECT", help="also log the metrics to this trackio project "
+                                                        "(needs the trackio package)")
     return p
 
 
@@ -122,8 +134,7 @@ def _tokenizer(args, corpus, run_dir: Path):
     """--init-from: the checkpoint's tokenizer when it has one. Resume: the run's saved tokenizer (run.json then
     checks it is the requested one). Fresh: bytes, or BPE learned from the training split."""
     if args.init_from:
-        from attnzoo.interop import read_config
-        from attnzoo.interop.tokenizer import load_directory_tokenizer
+        from attnzoo.interop import read_config  # safetensors is needed only here
 
         tokenizer = load_directory_tokenizer(args.init_from, read_config(args.init_from)[0])
         if tokenizer is not None:
@@ -210,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         # Configuration first, data last: a bad flag (ModelConfig checks every plan option) fails before any
         # tokenizing or writing.
         shape, pretrained = _model_shape(args)
+        tracking = TrackingConfig(tensorboard=not args.no_tb, wandb=args.wandb, trackio=args.trackio)
         source = Path(args.init_from).name if args.init_from else args.preset
         run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(source, shape.plan)
         training = _training_config(args, run_dir)
@@ -252,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         result = train(model, training, dataset, run_dir, resume=args.resume, tokenizer=tokenizer,
                        data=_data_identity(args, corpus),
                        sample_prompt=prompt, sample_tokens=args.sample_tokens, progress=not args.no_progress,
-                       loss_baseline=entropy, max_bad_steps=args.max_bad_steps)
+                       loss_baseline=entropy, max_bad_steps=args.max_bad_steps, tracking=tracking)
     except (RunDirError, ConfigMismatchError) as error:
         parser.exit(2, f"attnzoo-train: error: {error}\n")
     except NonFiniteLossError as error:
@@ -270,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"throughput: {result.tokens_per_s:,.0f} tokens/s")
     if result.sample is not None:
         print(f"sample:\n{result.sample}\n")
-    print(f"metrics: {result.metrics_path}")
+    print(f"metrics: {result.metrics_path}"
+          + (f", TensorBoard: {run_dir / TENSORBOARD_DIR}" if tracking.tensorboard else ""))
     if result.plot_path is not None:
         print(f"loss plot: {result.plot_path}")
     return 0

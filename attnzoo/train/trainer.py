@@ -16,15 +16,15 @@ finite state. `max_bad_steps` skipped steps in a row stop the run with NonFinite
 SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption notice) both finish the current step, checkpoint it and
 raise TrainingInterrupted; `--resume` then continues bit-exactly.
 
-A run directory collects metrics.jsonl (one JSON line per log step and per evaluation), checkpoints/, loss.png
-and sample.txt; see `attnzoo.train.checkpoint` for its layout and for resuming.
+A run directory collects metrics.jsonl (one JSON line per log step and per evaluation) and, unless turned off,
+TensorBoard event files of the same scalars in tb/ (the writers are `attnzoo.train.tracking`'s), checkpoints/,
+loss.png and sample.txt; see `attnzoo.train.checkpoint` for its layout and for resuming.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import signal
 import threading
@@ -46,8 +46,8 @@ from attnzoo.provenance import code_identity
 from attnzoo.train.checkpoint import Checkpointer, discard_run_dir, has_checkpoint, prepare_run_dir
 from attnzoo.train.optim import TrainConfig, applied_updates, current_learning_rate, make_optimizer
 from attnzoo.train.sharding import Placement, is_primary_process, uses_preemption_service
+from attnzoo.train.tracking import Tracking, TrackingConfig
 
-METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 SAMPLE_FILE = "sample.txt"
 TOKENIZER_DIR = "tokenizer"
@@ -264,32 +264,6 @@ class _SkippedSteps:
         return None
 
 
-class MetricsLog:
-    """Append-only JSON lines (written by process 0); on resume, lines after the restored step are dropped
-    (they will be redone)."""
-
-    def __init__(self, path: str | Path):
-        self.path, self.writes = Path(path), is_primary_process()
-
-    def append(self, record: dict[str, Any]) -> None:
-        if self.writes:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def records(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-
-    def truncate_after(self, step: int) -> None:
-        if not self.writes:
-            return
-        kept = [r for r in self.records() if r["step"] <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        tmp.replace(self.path)
-
-
 def plot_losses(records: list[dict[str, Any]], path: str | Path, baseline: float | None = None) -> Path:
     """Train loss and validation loss against step, saved as a PNG; `baseline` (e.g. the unigram entropy, the
     loss of a model that ignores context) is drawn as a horizontal line."""
@@ -334,13 +308,15 @@ class Trainer:
     `run_dir` must already be prepared (`prepare_run_dir`, or use `train`). After training, a sample continuing
     `sample_prompt` is generated with `tokenizer` (skipped when there is no tokenizer or sample_tokens == 0).
     The model's parameter arrays are donated to the first step: read the trained model from `trainer.model`.
-    `max_bad_steps` non-finite (skipped) steps in a row raise NonFiniteLossError.
+    `max_bad_steps` non-finite (skipped) steps in a row raise NonFiniteLossError. `tracking` picks the writers
+    besides metrics.jsonl (TensorBoard by default; see `attnzoo.train.tracking`).
     """
 
     def __init__(self, model: nnx.Module, config: TrainConfig, dataset, run_dir: str | Path, *,
                  tokenizer=None, sample_prompt: str = "\n", sample_tokens: int = 200,
                  sample_temperature: float = 0.8, echo: Callable[[str], None] = print, progress: bool = True,
-                 loss_baseline: float | None = None, max_bad_steps: int = 10):
+                 loss_baseline: float | None = None, max_bad_steps: int = 10,
+                 tracking: TrackingConfig = TrackingConfig()):
         if max_bad_steps <= 0:
             raise ValueError(f"max_bad_steps={max_bad_steps} must be positive")
         self.config, self.dataset, self.run_dir = config, dataset, Path(run_dir)
@@ -355,7 +331,7 @@ class Trainer:
         self.train_step = make_train_step(self.graphdef, rest, self.optimizer, self.placement)
         self.eval_step = make_eval_step(self.graphdef, rest)
         self.checkpointer = Checkpointer(self.run_dir, config.keep_checkpoints)
-        self.log = MetricsLog(self.run_dir / METRICS_FILE)
+        self.log = Tracking(self.run_dir, tracking)
 
     def _place_batch(self, batch: np.ndarray) -> jax.Array:
         return jnp.asarray(batch) if self.placement is None else self.placement.place_batch(batch)
@@ -378,7 +354,7 @@ class Trainer:
             if meta["seed"] != self.config.seed:
                 raise ValueError(f"checkpoint seed {meta['seed']} differs from config seed {self.config.seed}")
             self.step = meta["step"]
-        self.log.truncate_after(self.step)
+        self.log.rewind(self.step)
         return self.step
 
     def save(self) -> None:
@@ -446,7 +422,7 @@ class Trainer:
                     if (tokens_per_s := speed.window(self.step)) is not None:
                         record["tokens_per_s"] = tokens_per_s
                         bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-                    self.log.append(record)
+                    self.log.write(record)
                 eval_due = self.step % cfg.eval_every == 0 or self.step == cfg.steps
                 save_due = self.step % cfg.ckpt_every == 0 or self.step == until
                 if eval_due or save_due:
@@ -455,8 +431,8 @@ class Trainer:
                     pause_start = time.perf_counter()
                     if eval_due:
                         last_eval = self.evaluate()
-                        self.log.append({"kind": "eval", "step": self.step,
-                                         "tokens": self.step * cfg.tokens_per_step, **last_eval})
+                        self.log.write({"kind": "eval", "step": self.step,
+                                        "tokens": self.step * cfg.tokens_per_step, **last_eval})
                         bar.write(f"step {self.step}: val loss {last_eval['val_loss']:.4f}, "
                                   f"perplexity {last_eval['val_ppl']:.2f}")
                     if save_due:
@@ -498,6 +474,7 @@ class Trainer:
 
     def close(self) -> None:
         self.checkpointer.close()
+        self.log.close()
 
 
 def run_config(model_config, train_config: TrainConfig, data: dict[str, Any], tokenizer) -> dict[str, Any]:
