@@ -1,7 +1,8 @@
 """Routing Transformer ("routing_transformer"): the causal routed + local heads against an independent dense
-implementation of the equations, the EMA k-means update (training steps only), no-leak audit (and the leak of the
-paper's expert-choice windows), decode == full forward across blocks, centroids through checkpoints and resume,
-config errors and the closed-form accounting."""
+implementation of the equations (self match masked or kept), the self-match share at initialisation, the EMA
+k-means update (training steps only), no-leak audit (and the leak of the paper's expert-choice windows), decode ==
+full forward across blocks, centroids through checkpoints and resume, config errors and the closed-form
+accounting."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 
 from attnzoo import LanguageModel, ModelConfig
 from attnzoo.mixers.base import ForwardContext
-from attnzoo.mixers.routing_transformer import Centroids, RoutingTransformerAttention
+from attnzoo.mixers.routing_transformer import Centroids, RoutingTransformerAttention, RoutingTransformerOptions
 from attnzoo.train import TrainConfig, train
 from attnzoo.train.checkpoint import Checkpointer, prepare_run_dir
 from attnzoo.train.trainer import Trainer, run_config
@@ -40,8 +41,9 @@ def inputs(t: int, seed: int = 1):
     return jnp.asarray(np.random.default_rng(seed).normal(size=(2, t, D)), jnp.float32)
 
 
-def reference(mixer, x_BTD, *, routed, clusters, block, window, local_blocks, commitment):
-    """Dense masked attention over the causal-RT visibility, in float64 numpy (rope=false): (y, aux loss)."""
+def reference(mixer, x_BTD, *, routed, clusters, block, window, local_blocks, commitment, self_match):
+    """Dense masked attention over the causal-RT visibility, in float64 numpy (rope=false): (y, aux loss). With
+    self_match="mask" a routed query's logit on itself is -5e4 (the PyTorch port's TOKEN_SELF_ATTN_VALUE)."""
     x = np.asarray(x_BTD, np.float64)
     b, t, _ = x.shape
     q = (x @ np.asarray(mixer.q_proj.kernel[...], np.float64)).reshape(b, t, H, E)
@@ -66,7 +68,10 @@ def reference(mixer, x_BTD, *, routed, clusters, block, window, local_blocks, co
             else:
                 visible = causal & (s_idx // block >= t_idx // block - local_blocks)
                 qh, kh = q[bi, :, h], k_local[bi, :, h - routed]
-            logits = np.where(visible, qh @ kh.T / np.sqrt(E), -np.inf)
+            logits = qh @ kh.T / np.sqrt(E)
+            if h < routed and self_match == "mask":
+                np.fill_diagonal(logits, -5e4)
+            logits = np.where(visible, logits, -np.inf)
             p = np.exp(logits - logits.max(-1, keepdims=True))
             o[bi, :, h] = (p / p.sum(-1, keepdims=True)) @ v[bi, :, h]
     y = o.reshape(b, t, H * E) @ np.asarray(mixer.o_proj.kernel[...], np.float64)
@@ -76,13 +81,15 @@ def reference(mixer, x_BTD, *, routed, clusters, block, window, local_blocks, co
 
 def plan_options(mode) -> str:
     text = (f"rope=false,routed_heads={mode['routed']},clusters={mode['clusters']},block_size={mode['block']},"
-            f"local_blocks={mode['local_blocks']}")
+            f"local_blocks={mode['local_blocks']},self_match={mode['self_match']}")
     return text + (f",cluster_window={mode['window']}" if mode["window"] else "")
 
 
 MODES = [pytest.param(mode, marks=marks, id=plan_options(mode)) for mode, marks in (
-    (dict(routed=3, clusters=4, block=4, window=8, local_blocks=0), ()),
-    (dict(routed=2, clusters=3, block=4, window=None, local_blocks=1), pytest.mark.slow))]
+    (dict(routed=3, clusters=4, block=4, window=8, local_blocks=0, self_match="mask"), ()),
+    (dict(routed=3, clusters=2, block=4, window=4, local_blocks=0, self_match="keep"), pytest.mark.slow),
+    (dict(routed=2, clusters=3, block=4, window=None, local_blocks=1, self_match="mask"), pytest.mark.slow),
+    (dict(routed=2, clusters=2, block=4, window=4, local_blocks=1, self_match="mask"), pytest.mark.slow))]
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -92,7 +99,41 @@ def test_matches_a_dense_implementation_of_the_equations(mode):
     out = mixer(x, full_ctx(22))
     y, aux = reference(mixer, x, commitment=0.5, **mode)
     np.testing.assert_allclose(out.y_BTD, y, rtol=1e-4, atol=1e-5)
+    # Token 0 sees no other key in any head, so its output is its own value (finite, also with the self masked).
+    np.testing.assert_allclose(out.y_BTD[:, 0], mixer.o_proj(mixer.v_proj(x[:, :1]))[:, 0], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out.aux_loss, aux, rtol=1e-5)
+
+
+@pytest.mark.parametrize("head_dim", [64, 16])
+def test_masking_the_self_match_frees_the_routed_heads_at_initialisation(head_dim):
+    """Shared QK with an unscaled LayerNorm gives the self match the largest logit of all; kept, it draws most of the
+    weight. Masked (the default), a query with another visible key puts no weight on itself, and a query with none
+    (the first member of its cluster, e.g. token 0) takes exactly its own value."""
+    t = 64
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(2, t, D)), jnp.float32)
+
+    def weights(self_match):  # the routed heads' attention matrices, read off the mixer: [B, R, T(query), T(key)]
+        mixer = make_mixer(f"head_dim={head_dim},clusters=4,self_match={self_match}")
+        xr, qk, _, _ = mixer.project(x, full_ctx(t).positions_BT)
+        cluster = mixer.assign(xr)
+        first_unit = jnp.eye(head_dim)[0]
+        jac = jax.jit(jax.jacfwd(lambda a: mixer._routed_full(qk, a[..., None] * first_unit, cluster)[..., 0]))(
+            jnp.zeros(cluster.shape))  # outputs are linear in the values: d o_t / d v_s = p_ts
+        b, r = np.arange(cluster.shape[0])[:, None], np.arange(cluster.shape[2])
+        return np.asarray(jac)[b, :, r, b, :, r], np.moveaxis(np.asarray(cluster), 1, 2)
+
+    p_mask, cluster_BRT = weights("mask")
+    p_keep, _ = weights("keep")
+    earlier_member = np.tril(cluster_BRT[..., :, None] == cluster_BRT[..., None, :], -1)  # (no cluster window)
+    has_other = earlier_member.any(-1)
+    assert has_other.mean() > 0.9 and not has_other.all()
+    self_mask, self_keep = np.diagonal(p_mask, 0, -2, -1), np.diagonal(p_keep, 0, -2, -1)
+    assert self_keep[has_other].mean() > 0.5  # the kept self match does draw most of the weight
+    assert self_mask[has_other].max() < 1e-6
+    np.testing.assert_allclose(self_mask[~has_other], 1.0, rtol=1e-6)
+    np.testing.assert_allclose(p_mask.sum(-1), 1.0, rtol=1e-5)
+    alone_on_diagonal = np.eye(t, dtype=bool) & ~has_other[..., None]
+    np.testing.assert_array_equal(p_mask > 0, earlier_member | alone_on_diagonal)  # every earlier member, no other
 
 
 def test_ema_kmeans_updates_only_in_training_mode():
@@ -154,9 +195,10 @@ def test_the_papers_balanced_windows_would_leak():
     assert not np.array_equal(members_before_t(x), members_before_t(changed))
 
 
-DECODE_PLANS = [pytest.param("routing_transformer(block_size=4,clusters=3,cluster_window=8)", marks=pytest.mark.slow),
-                pytest.param("routing_transformer(block_size=4,clusters=2,routed_heads=3,local_blocks=2)",
-                             marks=pytest.mark.slow)]
+DECODE_PLANS = [pytest.param(plan, marks=pytest.mark.slow) for plan in (
+    "routing_transformer(block_size=4,clusters=3,cluster_window=8)",
+    "routing_transformer(block_size=4,clusters=2,cluster_window=4)",  # a one-block window: members alone in it
+    "routing_transformer(block_size=4,clusters=2,routed_heads=3,local_blocks=2,self_match=keep)")]
 
 
 @pytest.mark.parametrize("mixer", DECODE_PLANS)
@@ -175,11 +217,17 @@ def test_decode_across_blocks_equals_full_forward(mixer):
     ("block_size=24", "block_size=24 must be a power of 2"),
     ("decay=1.0", r"decay=1.0 must be in \(0, 1\)"),
     ("commitment=-1.0", "commitment=-1.0 must be >= 0"),
+    ("self_match=drop", "self_match='drop' must be one of 'mask', 'keep'"),
 ])
 def test_bad_options_fail_when_the_config_is_built(options, match):
     with pytest.raises(ValueError, match=match):
         ModelConfig(vocab_size=61, d_model=D, n_layers=1, n_heads=H, max_seq_len=64,
                     plan=f"routing_transformer({options})")
+
+
+def test_bad_self_match_fails_when_the_options_are_built_directly():
+    with pytest.raises(ValueError, match="self_match='drop' must be 'mask' or 'keep'"):
+        RoutingTransformerOptions(self_match="drop")
 
 
 @pytest.mark.parametrize("window", [None, 16])

@@ -6,25 +6,39 @@ routing_transformer/utils.py):
 
     x_t = LayerNorm(x W_q)_t            (no scale or bias; shared QK: the head's keys ARE its queries)
     c(t) = argmax_c < x_t, mu_c >       (the nearest centroid, dist = -<x, mu>; router inputs stop-gradient)
-    o_t = softmax_{s <= t, c(s) = c(t), s within the cluster window}( RoPE(x)_t . RoPE(x)_s / sqrt(E) ) v_s
+    o_t = softmax_{s in V(t)}( l_ts ) v_s,     V(t) = { s <= t : c(s) = c(t), s within the cluster window }
+    l_ts = RoPE(x)_t . RoPE(x)_s / sqrt(E),   except l_tt = -5e4 with self_match="mask" (the default)
     aux loss = commitment * mean || x - sg(mu_{c(x)}) ||^2              (beta = 1e-4; MixerOutput.aux_loss)
     EMA k-means, training steps only, outside the gradient (VQ-VAE style, lambda = decay = 0.999, eps = 1e-5):
       count_c <- lambda count_c + (1 - lambda) |{x -> c}|,    sum_c <- lambda sum_c + (1 - lambda) sum_{x -> c} x
       mu_c = sum_c / ((count_c + eps) / (n + C eps) n),       n = sum_c count_c        (Laplace smoothing)
     (counts start at 1 and sums at the initial means, so the first updates average into LN(randn) means)
 
+The self match, and why it is masked. Queries and keys are the same LayerNorm(x W_q) without scale, so every x has
+norm sqrt(E) (RoPE keeps it) and l_tt = sqrt(E) is the largest logit any key can reach; no parameter can lower it.
+Kept as a plain key (self_match="keep", what the official TF code does: a lower-triangular bias only), it takes
+~99% of the attention weight at initialisation at E = 64 (~65% at E = 16; measured on this mixer), and the routed
+heads mostly copy v_t. Shared-QK attention in Reformer and in the PyTorch port (lucidrains/routing-transformer,
+TOKEN_SELF_ATTN_VALUE) gives the self match a large finite negative logit instead, so a token attends itself only
+when no other key is visible (e.g. the first member of its cluster), which keeps its output finite (a -inf would
+leave nothing). Every other |l_ts| <= sqrt(E), so exp(-5e4 - l_ts) is exactly 0 in float32: the mixer computes
+"mask" as attention over V(t) without t (the causal mask compares the query's position - 1) and o_t = v_t where
+that set is empty.
+
 Local heads (the other heads): each query block of `block_size` tokens attends its own block and the `local_blocks`
-previous ones, causally: the paper's local attention with query_shape = memory_flange (local_blocks = 1).
+previous ones, causally: the paper's local attention with query_shape = memory_flange (local_blocks = 1). They
+have their own keys (not shared QK), so their self match stays an ordinary key.
 
 The causal variant, and why. The paper balances clusters by expert choice: cluster c takes the w tokens nearest to
 it over the WHOLE sequence (top-w along the sequence axis). Whether a past token s is in a window then depends on
-the distances of later tokens, so outputs before t depend on tokens after t (routing_sparse.md 2.2, "causality
-caveat"; the same non-causality Mixture-of-Depths flags for top-k). Here each token joins its own nearest
-centroid, a function of that token alone, so membership never depends on the future; balance is bounded instead
-by `cluster_window`: a query attends only the members of its cluster within the last cluster_window / block_size
-blocks of that cluster's members (a sliding window in the cluster's own order), O(n w) like the balanced version.
+the distances of later tokens, so outputs before t depend on tokens after t (the same non-causality
+Mixture-of-Depths flags for top-k). Here each token joins its own nearest centroid, a function of that token alone,
+so membership never depends on the future; balance is bounded instead by `cluster_window`: a query attends only the
+members of its cluster within the last cluster_window / block_size blocks of that cluster's members (a sliding
+window in the cluster's own order), O(n w) like the balanced version.
 The window is measured in member ranks (how many earlier tokens joined the cluster), which only past tokens set.
-Every token attends at least itself, so no token gets a zero output (the paper's unselected tokens do).
+Every token attends at least one key (itself when nothing else is visible), so no token gets a zero output (the
+paper's unselected tokens do).
 tests/test_mixer_routing_transformer.py perturbs tokens from t on and checks that no assignment and no output
 before t changes.
 
@@ -43,12 +57,14 @@ the blocks of its run inside the window (a contiguous list), and the causal mask
 (padding rows at a position no query reaches). Local heads are the kernel's plain band of blocks. Decode: the new
 token's cluster and rank come from the cached per-cluster sizes; its routed head attends the cache blocks holding
 members of its cluster (non-members hidden through their kv positions), one kernel call per new token with the
-routed heads folded into the batch (a transpose of the routed cache per call).
+routed heads folded into the batch (a transpose of the routed cache per call); with "mask" the new token's query
+also sits one position earlier and takes its own value when no earlier member is in its window.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -86,6 +102,9 @@ class RoutingTransformerOptions:
     block_size: kernel block in tokens (a power of 2; the Triton kernel needs >= 16).
     commitment: beta of the commitment loss (1e-4). decay: lambda of the EMA k-means (0.999).
     rope: rotary positions on the attention queries and keys (routing uses the unrotated normalised queries).
+    self_match: what a routed query does with its own key (its query: shared QK): "mask" (default, as Reformer and
+      the PyTorch port) attends itself only when no other key is visible; "keep" (the official TF code) scores it
+      like any other key, which draws almost all the weight (see the module docstring).
     """
 
     n_heads: int | None = None
@@ -98,8 +117,11 @@ class RoutingTransformerOptions:
     commitment: float = 1e-4
     decay: float = 0.999
     rope: bool = True
+    self_match: Literal["mask", "keep"] = "mask"
 
     def __post_init__(self):
+        if self.self_match not in ("mask", "keep"):
+            raise ValueError(f"self_match={self.self_match!r} must be 'mask' or 'keep'")
         for name in ("n_heads", "head_dim", "routed_heads", "clusters", "cluster_window", "block_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -170,6 +192,7 @@ class RoutingTransformerAttention(Mixer):
         self.clusters, self.block = options.clusters, options.block_size
         self.window_blocks = None if options.cluster_window is None else options.cluster_window // options.block_size
         self.local_blocks = options.local_blocks
+        self.mask_self = options.self_match == "mask"
         self.commitment, self.decay = options.commitment, options.decay
         self.rope_base = config.rope_base if options.rope else None
         self.sparse_implementation = config.kernel("block_sparse_attention")
@@ -247,11 +270,15 @@ class RoutingTransformerAttention(Mixer):
         counts = jnp.where(layout.group_BQ < self.clusters, reach, 0).astype(jnp.int32)
         maxk = n_blocks if self.window_blocks is None else min(self.window_blocks, n_blocks)
         ids = jnp.minimum(block_Q[:, None] - counts[..., None] + 1 + jnp.arange(maxk), block_Q[:, None])
-        out = pallas_kernels.block_sparse_attention(
+        # Masking the self match: a query sits one position earlier, so it sees only the keys strictly before it.
+        out, lse = pallas_kernels.block_sparse_attention(
             qk_perm, qk_perm, v_perm, jnp.maximum(ids, 0)[:, None].astype(jnp.int32), counts[:, None],
             block_q=self.block, block_k=self.block, causal=True,
-            q_positions_BT=jnp.where(valid_NM, layout.row_BM, -1),
-            kv_positions_BS=jnp.where(valid_NM, layout.row_BM, NEVER), implementation=self.sparse_implementation)
+            q_positions_BT=jnp.where(valid_NM, layout.row_BM - self.mask_self, -1),
+            kv_positions_BS=jnp.where(valid_NM, layout.row_BM, NEVER), return_lse=True,
+            implementation=self.sparse_implementation)
+        if self.mask_self:  # a query with no other visible key (lse -inf) takes its own value
+            out = jnp.where(jnp.isfinite(lse)[..., None], out, v_perm)
         out_NTE = jnp.take_along_axis(out[:, :, 0], layout.slot_BN[:, :, None], axis=1)
         return jnp.moveaxis(out_NTE.reshape(b, r, t, e), 1, 2)
 
@@ -348,13 +375,17 @@ class RoutingTransformerAttention(Mixer):
             has_NJ = member_NS.reshape(b * r, n_blocks, self.block).any(-1)
             ids = jnp.argsort(~has_NJ, axis=-1, stable=True).astype(jnp.int32)  # blocks with members first
             counts = has_NJ.sum(-1, dtype=jnp.int32)
-            positions_N = jnp.repeat(position_BT[:, i], r)
+            positions_N = jnp.repeat(position_BT[:, i], r) - self.mask_self  # as in _routed_full
             kv_positions = jnp.where(member_NS, jnp.arange(s + pad), NEVER)
-            outs.append(decode_block_attention(
+            out_NE = decode_block_attention(
                 fold(qk_BTRE[:, i:i + 1])[:, :, None], jnp.pad(k_fold, ((0, 0), (0, pad), (0, 0), (0, 0))),
                 jnp.pad(v_fold, ((0, 0), (0, pad), (0, 0), (0, 0))), ids[:, None, None], counts[:, None, None],
                 positions_N[:, None], block_k=self.block, kv_positions_BS=kv_positions,
-                implementation=self.sparse_implementation)[:, 0, 0])
+                implementation=self.sparse_implementation)[:, 0, 0]
+            if self.mask_self:
+                has_other_N = (kv_positions <= positions_N[:, None]).any(-1)
+                out_NE = jnp.where(has_other_N[:, None], out_NE, fold(v_BTRE[:, i:i + 1])[:, 0])
+            outs.append(out_NE)
         o_BTRE = jnp.moveaxis(jnp.stack(outs, 1).reshape(b, r, t, e), 1, 2)
         local_cache, outs = cache.local, [o_BTRE]
         if local is not None:
