@@ -104,7 +104,9 @@ class LanguageModel(nnx.Module):
                  diagnostics: bool = False, check_capacity: bool = True) -> ModelOutput:
         """Score `tokens_BT`.
 
-        mode="full" scores whole sequences. "prefill" fills the empty `caches` (from `init_caches`) with
+        mode="full" scores whole sequences (right-padded ones when `lengths_B` is given: the causal outputs of the
+        real tokens do not depend on it, but per-token statistics such as MoH's balance loss leave the padding
+        out). "prefill" fills the empty `caches` (from `init_caches`) with
         right-padded prompts of `lengths_B` tokens (default: all T); "decode" appends T tokens to each sequence
         and raises if a sequence would pass the caches' capacity (`check_capacity=False` skips that check where
         the caller sized the caches, as `generate` does). The returned `caches` are the updated decode state.
@@ -131,7 +133,9 @@ class LanguageModel(nnx.Module):
             start_B = lengths_B if mode == "decode" else jnp.zeros((b,), jnp.int32)
             positions_BT = start_B[:, None] + jnp.arange(t)[None, :]
         x = self.embed(tokens_BT)
-        ctx = ForwardContext(mode, positions_BT, segment_ids_BT, lengths_B if mode != "full" else None,
+        if mode == "full" and lengths_B is not None:  # right-padded sequences: what per-token statistics count
+            lengths_B = jnp.asarray(lengths_B, jnp.int32)
+        ctx = ForwardContext(mode, positions_BT, segment_ids_BT, lengths_B,
                              input_embeddings_BTD=x, diagnostics=diagnostics)
         side, side_ctx = self.side_stream(side_tokens_BS), None
         if side is not None:

@@ -92,7 +92,7 @@ def reference_forward(mixer, opts, x_BTD, positions_BT, rope_base):
     return o.reshape(b, t, h * e) @ mixer.o_proj.kernel[...]
 
 
-PLANS = ["cca", "ccgqa", "ccgqa(kv_compression=8)", "cca(convs=1,qk_mean=false,value_shift=false,rope_fraction=1.0)",
+PLANS = ["cca", "ccgqa", "ccgqa(kv_compression=4)", "cca(convs=1,qk_mean=false,value_shift=false,rope_fraction=1.0)",
          "cca(convs=0,rope_fraction=0.0)", "cca(compression=2,head_dim=16,k_seq=3,k_ch=4)"]
 
 
@@ -143,8 +143,8 @@ def test_decode_past_prompts_equals_full_forward():
         caches, pos = out.caches, pos + chunk
 
 
-@pytest.mark.parametrize("plan, c1, c2", [("cca", 4, 4), ("cca(compression=2)", 2, 2), ("ccgqa", 2, 4),
-                                          ("ccgqa(kv_compression=8)", 2, 8)])
+@pytest.mark.parametrize("plan, c1, c2", [("cca", 4, 4), ("cca(compression=2)", 2, 2), ("ccgqa", 2, 8),
+                                          ("ccgqa(kv_compression=4)", 2, 4)])
 def test_summary_matches_closed_form(plan, c1, c2):
     """Paper Table II per layer (E = d_model): params 2E^2/C1 + 2E^2/C2 + conv, KV cache 2E/C2 per token,
     forward FLOPs (1/C1 + 1/C2) 4E^2 + 4 E ctx / C1 + conv (causal ctx halved), plus beta per kv head."""
@@ -182,10 +182,11 @@ def test_cca_divides_kv_cache_and_attention_cost_of_mha_by_c(c):
     assert n_params(mha) == c * (n_params(cca) - n_params(cca.conv_qk) - cca.temp.size)
 
 
-def test_zaya1_geometry():
-    """ZAYA1 (spec [D]): E = 2048, 16 heads of 128, C1 = 2, C2 = 8 -> 8 query / 2 kv heads, projections 5.24M,
-    512 KV elements per token, packed conv width 1280 in 10 head groups."""
-    cfg = ModelConfig(vocab_size=50, d_model=2048, n_layers=1, n_heads=16, plan="ccgqa(kv_compression=8)")
+def test_registered_ccgqa_is_the_papers_zaya1_geometry():
+    """The registered ccgqa is the paper's MoE CCGQA and ZAYA1's: at D = 2048 with 16 heads of 128, C1 = 2 and
+    C2 = 8 -> 8 query / 2 kv heads, projections 5.24M, 512 KV elements per token (8x below MHA's 4096), packed conv
+    width 1280 in 10 head groups."""
+    cfg = ModelConfig(vocab_size=50, d_model=2048, n_layers=1, n_heads=16, plan="ccgqa")
     mixer = get_mixer("ccgqa").cls(cfg, cfg.layer_options[0], shared=None, rngs=nnx.Rngs(0))
     assert (mixer.n_heads, mixer.n_kv_heads, mixer.head_dim) == (8, 2, 128)
     projections = sum(m.kernel.size for m in (mixer.linear_q, mixer.linear_k, mixer.val_proj1, mixer.val_proj2,
@@ -193,6 +194,19 @@ def test_zaya1_geometry():
     assert projections == 5_242_880
     assert mixer.cache_bytes_per_token() // 4 == 512
     assert mixer.conv_qk[1].weight.shape == (2, 10, 128, 128) and mixer.conv_qk[0].bias.shape == (1280,)
+
+
+@pytest.mark.parametrize("plan, geometry", [("ccgqa", (4, 1, 16)), ("ccgqa(kv_compression=4)", (2, 1, 32)),
+                                            ("cca", (1, 1, 32)), ("ccgqa(head_dim=8)", (8, 2, 8))])
+def test_head_width_narrows_to_a_kv_latent_smaller_than_a_model_head(plan, geometry):
+    """4 heads of 32 at D = 128: ccgqa's kv latent D / 8 = 16 is narrower than a head, so it holds one kv head of
+    width 16 (and the query latent D / 2 four of them); where the latent holds whole model heads, E stays 32."""
+    cfg = ModelConfig(vocab_size=50, d_model=128, n_layers=1, n_heads=4, plan=plan)
+    mixer = get_mixer(cfg.layers[0].mixer).cls(cfg, cfg.layer_options[0], shared=None, rngs=nnx.Rngs(0))
+    h, k, e = geometry
+    assert (mixer.n_heads, mixer.n_kv_heads, mixer.head_dim) == geometry
+    assert mixer.cache_bytes_per_token() == 2 * k * e * 4
+    assert mixer.linear_q.kernel.shape == (128, h * e)
 
 
 def test_diagnostics():
@@ -209,7 +223,7 @@ def test_diagnostics():
 
 @pytest.mark.parametrize("plan, message", [
     ("cca(compression=3)", "compression=3 must split d_model=64 .* allowed: 1, 2, 4, 8"),
-    ("cca(kv_compression=16)", "kv_compression=16 must split d_model=64 .* allowed: 1, 2, 4, 8"),
+    ("cca(head_dim=8,kv_compression=16)", "kv_compression=16 must split d_model=64 .* allowed: 1, 2, 4, 8"),
     ("ccgqa(compression=4,kv_compression=2)", "kv_compression=2 must be a multiple of compression=4"),
     ("cca(k_seq=0)", "k_seq=0 must be an integer >= 1"),
     ("cca(k_ch=-1)", "k_ch=-1 must be an integer >= 1"),

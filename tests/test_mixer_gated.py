@@ -91,8 +91,9 @@ def reference(mixer: GatedAttention, cfg: ModelConfig, x):
 
 CASES = ["", "granularity=headwise", "head_specific=false", "activation=silu", "activation=silu,additive=false",
          "activation=ns_sigmoid,window=3", "activation=identity", "input_dependent=false",
-         "position=G2,granularity=headwise", "position=G2,head_specific=false", "position=G3,qk_norm=true",
-         "position=G4,granularity=headwise", "position=G4,activation=silu,qk_norm=true", "position=G5"]
+         "position=G2,granularity=headwise", "position=G2,head_specific=false", "position=G3,qk_norm=false",
+         "position=G4,granularity=headwise,qk_norm=false", "position=G4,activation=silu", "position=G5",
+         "qk_norm=false"]
 
 
 @pytest.mark.parametrize("options", CASES)
@@ -110,8 +111,25 @@ def test_paper_defaults_and_pairing():
     opts = config("gated").layer_options[0]
     assert (opts.position, opts.granularity, opts.head_specific, opts.activation, opts.additive,
             opts.input_dependent) == ("G1", "elementwise", True, "sigmoid", False, True)
+    # Every model in the paper has QK-norm; GQA's own default stays off.
+    assert opts.qk_norm and config("gated_headwise").layer_options[0].qk_norm
+    assert not config("gqa").layer_options[0].qk_norm
+    mixer, _ = build("gated")
+    assert mixer.q_norm is not None and mixer.k_norm is not None
     assert config("gated(activation=silu)").layer_options[0].additive  # the paper's Y + SiLU(X W)
     assert config("gated_headwise").layer_options[0].granularity == "headwise"
+
+
+@pytest.mark.parametrize("options, std", [("", 0.02), ("granularity=headwise,gate_init_std=0.05", 0.05),
+                                         ("gate_init_std=none", 256**-0.5)])
+def test_gate_weight_init_is_the_released_codes_normal_002(options, std):
+    """The released code's gate is extra columns of q_proj, initialised N(0, 0.02^2) (initializer_range), not
+    fan-in; gate_init_std=none gives attnzoo's fan-in 1/sqrt(D)."""
+    cfg = config(f"gated({options})", d_model=256, n_heads=8, n_kv_heads=2)
+    mixer = GatedAttention(cfg, cfg.layer_options[0], rngs=nnx.Rngs(0))
+    kernel = np.asarray(mixer.gate_proj.kernel[...])
+    assert abs(kernel.mean()) < 0.1 * std
+    assert kernel.std() == pytest.approx(std, rel=0.05)
 
 
 @pytest.mark.parametrize("options, in_kernel", [("granularity=headwise", True), ("", False),
@@ -136,10 +154,12 @@ def test_headwise_output_gate_runs_in_the_kernel_epilogue(monkeypatch, options, 
 
 
 def gqa_twin(mixer: GatedAttention) -> GQAttention:
-    """Plain GQA with the gated mixer's q/k/v/o weights."""
-    gqa, _ = build("gqa", seed=7)
+    """Plain GQA (with QK-norm, as the gated default) with the gated mixer's q/k/v/o and norm weights."""
+    gqa, _ = build("gqa(qk_norm=true)", seed=7)
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
         getattr(gqa, name).kernel[...] = getattr(mixer, name).kernel[...]
+    for name in ("q_norm", "k_norm"):
+        nnx.update(getattr(gqa, name), nnx.state(getattr(mixer, name)))
     return gqa
 
 
@@ -183,17 +203,19 @@ def test_decode_equals_full_forward_at_every_position():
 
 @pytest.mark.parametrize("options, gate_width, gate_params", [
     ("", H * E, None), ("granularity=headwise", H, None), ("head_specific=false", E, None),
-    ("position=G2", K * E, None), ("position=G3,granularity=headwise", K, None), ("position=G4", H * E, None),
-    ("position=G5", D, None), ("input_dependent=false", 0, H * E)])
+    ("position=G2", K * E, None), ("position=G3,granularity=headwise,qk_norm=false", K, None),
+    ("position=G4", H * E, None), ("position=G5", D, None), ("input_dependent=false", 0, H * E)])
 def test_summary_matches_closed_form(options, gate_width, gate_params):
     """GQA's closed form plus the gate: D x width weights and 2 D width FLOPs per token (input-independent: width
-    parameters, no matmul FLOPs)."""
+    parameters, no matmul FLOPs), and the QK-norm scales (2 E) where on."""
     layers, mlp, seq = 2, 96, 32
     cfg = config(f"gated({options})*{layers}", n_layers=layers, mlp_hidden=mlp, tie_embeddings=False)
     s = LanguageModel(cfg, rngs=nnx.Rngs(0)).summary(seq_len=seq)
     attn = D * H * E + 2 * D * K * E + H * E * D
     gate = D * gate_width if gate_params is None else gate_params
-    assert s.total_params == VOCAB * D + layers * (attn + gate + 3 * D * mlp + 2 * D) + D + D * VOCAB
+    qk_norm = 0 if "qk_norm=false" in options else 2 * E
+    assert s.total_params == (VOCAB * D + layers * (attn + gate + qk_norm + 3 * D * mlp + 2 * D) + D
+                              + D * VOCAB)
     assert s.kv_cache_bytes_per_token == layers * 2 * K * E * 4
     flops = layers * (2 * (attn + D * gate_width) + 4 * H * E * (seq + 1) / 2 + 2 * 3 * D * mlp) + 2 * D * VOCAB
     assert s.flops_per_token == pytest.approx(flops, rel=1e-9, abs=layers)
@@ -238,6 +260,9 @@ def test_diagnostics_report_gate_statistics_only_when_asked():
     ("granularity=headwise,head_specific=false", "head_specific=false .* needs granularity=elementwise"),
     ("position=G5,granularity=headwise", "position=G5 .* needs granularity=elementwise and head_specific=true"),
     ("position=G3,granularity=headwise,qk_norm=true", "RMSNorm would cancel"),
+    ("position=G4,granularity=headwise", r"qk_norm=true \(the default\).*RMSNorm would cancel"),
+    ("gate_init_std=0.0", r"gate_init_std=0.0 must be > 0"),
+    ("input_dependent=false,gate_init_std=none", r"gate_init_std=None has no effect with input_dependent=false"),
     ("head_dim=7", "head_dim=7 must be even"),
 ])
 def test_bad_config_fails_when_the_config_is_built(options, message):

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from attnzoo import LanguageModel, ModelConfig
-from attnzoo.mixers.masa import AtomProjection, MASAttention
+from attnzoo.mixers.masa import AtomProjection, CoefficientGenerator, MASAttention
 
 VOCAB = 53
 BASE = dict(vocab_size=VOCAB, d_model=32, n_heads=4, kernels={"flash_attention": "xla", "decode_attention": "xla"})
@@ -21,9 +21,19 @@ def random_tokens(seed: int, shape) -> jnp.ndarray:
     return jnp.asarray(np.random.default_rng(seed).integers(0, VOCAB, shape), jnp.int32)
 
 
+def generated(projection: AtomProjection) -> jax.Array:
+    """c_l = W3 relu(W2 relu(W1 e_l + b1) + b2) + b3 from the layer's embedding and the shared MLP, written out."""
+    h = projection.embedding[...]
+    for i, layer in enumerate(projection.dictionary.generator.layers):
+        h = h @ layer.kernel[...] + layer.bias[...]
+        h = jax.nn.relu(h) if i < 2 else h
+    return h
+
+
 def combined(projection: AtomProjection) -> jax.Array:
-    """The spec's W_l = sum_n c_{l,n} A_n, written out atom by atom."""
-    coeffs, atoms = projection.coeffs[...], projection.dictionary.atoms[...]
+    """The paper's W_l = sum_n c_{l,n} A_n, written out atom by atom."""
+    coeffs = projection.coeffs[...] if projection.embedding is None else generated(projection)
+    atoms = projection.dictionary.atoms[...]
     return sum(coeffs[n] * atoms[n] for n in range(atoms.shape[0]))
 
 
@@ -49,6 +59,7 @@ def gqa_twin(masa: LanguageModel, gqa_plan: str) -> LanguageModel:
     ("masa(n_atoms=2,qk_norm=true)*3", "gqa(qk_norm=true)*3"),
     ("masa_qkv(n_kv_heads=2,rope=false),masa_qkv(n_kv_heads=2,rope=false),masa_qkv(n_kv_heads=2,rope=false)",
      "gqa(n_kv_heads=2,rope=false)*3"),
+    ("masa(coeff_generator=true,generator_width=8)*3", "gqa*3"),
 ])
 def test_masa_equals_gqa_with_combined_weights(masa_plan, gqa_plan):
     masa = LanguageModel(ModelConfig(n_layers=3, plan=masa_plan, **BASE), rngs=nnx.Rngs(0))
@@ -73,7 +84,7 @@ def test_atoms_are_one_object_shared_by_every_masa_layer():
     for p in "qkvo":
         dictionary = model.shared[f"masa_{p}"]
         assert all(getattr(m, f"{p}_proj").dictionary is dictionary for m in masa_layers)
-        assert dictionary.atoms.shape[0] == 1  # default: round(3 MASA layers / 3); the GQA layer does not count
+        assert dictionary.atoms.shape[0] == 2  # default: at least 2 (3 MASA layers / 3 = 1); the GQA layer not counted
     assert isinstance(model.blocks[1].mixer.q_proj, nnx.Linear)  # the GQA layer keeps its own matrices
     qkv = LanguageModel(ModelConfig(n_layers=2, plan="masa_qkv*2", **BASE), rngs=nnx.Rngs(0))
     assert set(qkv.shared.modules) == {"masa_q", "masa_k", "masa_v"}
@@ -81,10 +92,13 @@ def test_atoms_are_one_object_shared_by_every_masa_layer():
     assert all(isinstance(o, nnx.Linear) for o in o_projs) and o_projs[0] is not o_projs[1]
 
 
-@pytest.mark.parametrize("n_layers, plan, expected", [(12, "masa*12", 4), (5, "masa*5", 2), (6, "masa*4,gqa*2", 1),
-                                                      (2, "masa*2", 1)])
-def test_default_atoms_are_a_third_of_the_masa_layers(n_layers, plan, expected):
-    """The paper's S = L/3 (Transformer-S: L = 12, S = 4), L counting only MASA layers, at least one atom."""
+@pytest.mark.parametrize("n_layers, plan, expected", [(12, "masa*12", 4), (5, "masa*5", 2), (6, "masa*4,gqa*2", 2),
+                                                      (4, "masa*4", 2), (2, "masa*2", 2), (18, "masa*18", 6),
+                                                      (3, "masa(n_atoms=1)*3", 1), (3, "masa,gqa*2", 1)])
+def test_default_atoms_are_a_third_of_the_masa_layers_and_at_least_two(n_layers, plan, expected):
+    """The paper's S = L/3 (Transformer-S: L = 12, S = 4), L counting only MASA layers, and at least two atoms (at
+    L = 4, round(4/3) = 1 atom would make every layer a scalar multiple of one matrix); one atom when asked for, or
+    for a single MASA layer (its own matrix)."""
     cfg = ModelConfig(vocab_size=VOCAB, d_model=16, n_heads=2, n_layers=n_layers, plan=plan)
     dictionaries = MASAttention.make_shared(cfg, cfg.layer_options[0], nnx.Rngs(0))
     assert {key: d.atoms.shape for key, d in dictionaries.items()} == {
@@ -153,9 +167,61 @@ def test_summary_matches_closed_form(mixer, n_shared, paper_rate):
     ("masa(coeff_init_std=0.0)*3", r"coeff_init_std=0.0 must be > 0"),
     ("masa(n_atoms=1),masa(n_atoms=2),masa(n_atoms=2)", r"must agree on n_atoms.*layer 1 \(masa\(n_atoms=2\)\)"),
     ("masa,masa_qkv,masa", r"must agree on n_atoms, share.*layer 1 \(masa_qkv\) differs"),
-    ("masa(n_kv_heads=1),masa,masa", r"n_heads, n_kv_heads and head_dim; layer 1 \(masa\) differs"),
+    ("masa(n_kv_heads=1),masa,masa", r"n_heads, n_kv_heads, head_dim.*; layer 1 \(masa\) differs"),
     ("masa(n_kv_heads=3)*3", r"n_kv_heads=3 must divide n_heads=4"),
+    ("masa(generator_width=0)*3", r"generator_width=0 must be >= 1"),
+    ("masa(generator_width=32)*3", r"generator_width=32 has no effect without coeff_generator=true"),
+    ("masa(coeff_generator=true),masa,masa", r"coeff_generator and generator_width; layer 1 \(masa\) differs"),
 ])
 def test_bad_config_fails_when_the_config_is_built(plan, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig(n_layers=3, plan=plan, **BASE)
+
+
+def test_coefficient_generator_init_gradients_and_parameters():
+    """coeff_generator: each layer's c_l comes from its embedding through the shared MLP. At init c has the direct
+    coefficients' std 1/sqrt(N); the LM loss trains the MLP and every layer's embedding; the parameters are the
+    atoms and one MLP per projection (shared) plus one [w] embedding per layer and projection, and no coefficients."""
+    d, layers, atoms, width, mlp = 32, 6, 2, 16, 64
+    cfg = ModelConfig(vocab_size=VOCAB, d_model=d, n_layers=layers, n_heads=4, mlp_hidden=mlp, tie_embeddings=False,
+                      plan=f"masa(n_atoms={atoms},coeff_generator=true,generator_width={width})*{layers}")
+    model = LanguageModel(cfg, rngs=nnx.Rngs(0))
+    # The init's std is exact in expectation over the MLP's draw: pool a few draws (embeddings e ~ N(0, I)).
+    e_SW = jax.random.normal(jax.random.key(1), (512, width))
+    c = [CoefficientGenerator(width, atoms, coeff_std=atoms**-0.5, param_dtype=jnp.float32, rngs=nnx.Rngs(seed))(e_SW)
+         for seed in range(16)]
+    assert float(jnp.std(jnp.stack(c))) == pytest.approx(atoms**-0.5, rel=0.1)
+    assert all(block.mixer.q_proj.coeffs is None for block in model.blocks)
+
+    tokens = random_tokens(2, (2, 9))
+    grads = nnx.clone(model)  # the model's graph (shared modules once) holding the gradients as values
+    nnx.update(grads, nnx.jit(nnx.grad(lambda m: jnp.mean(m(tokens).logits_BTV ** 2)))(model))
+    for layer in grads.shared["masa_o"].generator.layers:
+        assert float(jnp.abs(layer.kernel[...]).max()) > 0
+    for block in grads.blocks:
+        assert float(jnp.abs(block.mixer.k_proj.embedding[...]).max()) > 0
+
+    s = model.summary(seq_len=8)
+    mlp_params = 2 * (width * width + width) + width * atoms + atoms
+    assert dict(s.rows)["shared"] == 4 * (atoms * d * d + mlp_params)
+    assert s.total_params == (VOCAB * d + dict(s.rows)["shared"] + layers * (4 * width + 3 * d * mlp + 2 * d) + d
+                              + d * VOCAB)
+
+
+def test_weight_decay_reaches_the_atoms_and_matrices_not_the_coefficients():
+    """What the module docstring states about our trainer's weight decay: atoms and the generator's matrices
+    decay; the direct coefficients, the generator's biases and the layer embeddings do not."""
+    from attnzoo.train.optim import weight_decay_mask
+
+    def decayed(plan: str, name: str) -> set[bool]:
+        """The mask's values over every parameter whose path has `name` (e.g. "['coeffs']")."""
+        model = LanguageModel(ModelConfig(n_layers=3, plan=plan, **BASE), rngs=nnx.Rngs(0))
+        mask = weight_decay_mask(nnx.state(model, nnx.Param))
+        return {bool(v) for path, v in jax.tree_util.tree_flatten_with_path(mask)[0]
+                if name in jax.tree_util.keystr(path)}
+
+    assert decayed("masa*3", "['atoms']") == {True}
+    assert decayed("masa*3", "['coeffs']") == {False}
+    assert decayed("masa(coeff_generator=true)*3", "['generator']['layers'][0]['kernel']") == {True}
+    assert decayed("masa(coeff_generator=true)*3", "['generator']['layers'][2]['bias']") == {False}
+    assert decayed("masa(coeff_generator=true)*3", "['q_proj']['embedding']") == {False}

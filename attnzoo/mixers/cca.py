@@ -5,7 +5,9 @@ forward pass follows the paper's Appendix A listing and the official ZAYA1 code 
 `models/zaya/modeling_zaya.py`, class `CCA`), whose parameter names are kept here.
 
 The whole attention runs in a compressed latent: queries in width D / C1 (H heads), keys and values in D / C2
-(K heads), one head width E for both, so H / K = C2 / C1 (CCA: C1 = C2 = C). With q0 = x W_q [B,T,H,E],
+(K heads), one head width E for both, so H / K = C2 / C1 (CCA: C1 = C2 = C). Registered: "cca" with C = 4 (the
+paper's 4x KV compression) and "ccgqa" with C1 = 2, C2 = 8 (8x KV: the paper's MoE CCGQA, "8q2kv" of 16 heads, and
+ZAYA1's production setting; the paper reports its dense runs' ratios inconsistently). With q0 = x W_q [B,T,H,E],
 k0 = x W_k [B,T,K,E] and g(h) = h // (H / K):
 
     packed = [q0; k0]                                                    (N = (H + K) E channels)
@@ -54,7 +56,9 @@ class CCAOptions:
     """compression: C (CCA), or C1 for the query latent (CCGQA): query latent width d_model / compression.
     kv_compression: C2, the key/value latent d_model / kv_compression; a multiple of compression (group size
       C2 / C1); none: = compression (CCA).
-    head_dim: E, shared by queries and keys; default the model's head width.
+    head_dim: E, shared by queries, keys and values; default the model's head width, or the kv latent's width
+      d_model / kv_compression where that is narrower (then the latent holds one kv head: e.g. ccgqa's 8x kv
+      compression in a model of 4 heads).
     convs: 0, 1 (the depthwise sequence conv only) or 2 (then the per-head channel conv): the paper's ablation.
     k_seq, k_ch: kernel sizes of the sequence (depthwise) and channel (per-head) convs; 2 and 2 in the official code.
     qk_mean: add the pre-conv q-k mean back as a residual. value_shift: half the value channels from token t - 1.
@@ -79,9 +83,17 @@ class CCAOptions:
             raise ValueError(f"rope_fraction={self.rope_fraction} must lie in [0, 1]")
 
 
+def _head_dim(config: ModelConfig, options: CCAOptions) -> int:
+    """E: the option, else the model's head width, narrowed to the kv latent's width where that is smaller."""
+    if options.head_dim is not None:
+        return options.head_dim
+    kv_compression = options.kv_compression or options.compression
+    return min(config.dim_per_head, max(1, config.d_model // kv_compression))
+
+
 def _geometry(config: ModelConfig, options: CCAOptions) -> tuple[int, int, int]:
     """(query heads H, kv heads K, head width E) of the latents."""
-    head_dim = options.head_dim or config.dim_per_head
+    head_dim = _head_dim(config, options)
     kv_compression = options.kv_compression or options.compression
     return (config.d_model // options.compression // head_dim, config.d_model // kv_compression // head_dim,
             head_dim)
@@ -147,7 +159,7 @@ class CompressedConvAttention(Mixer):
 
     @classmethod
     def check(cls, options: CCAOptions, config: ModelConfig) -> None:
-        d, head_dim = config.d_model, options.head_dim or config.dim_per_head
+        d, head_dim = config.d_model, _head_dim(config, options)
         allowed = [c for c in range(1, d + 1) if d % c == 0 and (d // c) % head_dim == 0]
         kv_compression = options.kv_compression or options.compression
         for name, value in (("compression", options.compression), ("kv_compression", kv_compression)):
@@ -280,5 +292,6 @@ class CompressedConvAttention(Mixer):
         return int(round(project + convolve + attend))
 
 
-# CCGQA: query latent D / 2, kv latent D / 4 (group size 2); the paper's MoE runs and ZAYA1 use 2 / 8.
-register("ccgqa", options=CCAOptions, compression=2, kv_compression=4)(CompressedConvAttention)
+# CCGQA as in the paper's MoE runs ("CCA-8q2kv") and ZAYA1: query latent D / 2 (C1 = 2), kv latent D / 8 (C2 = 8,
+# an 8x smaller KV cache than MHA), group size 4. Other ratios: ccgqa(kv_compression=4), ...
+register("ccgqa", options=CCAOptions, compression=2, kv_compression=8)(CompressedConvAttention)

@@ -22,6 +22,12 @@ elementwise only). The gate weight W_θ is D x (gate width): G1/G4 elementwise H
 G2/G3 K*E, K, E; G5 D. It adds D x width parameters and 2 D width FLOPs per token (width parameters and no matmul
 FLOPs when input-independent). The score's columns are head-major ([N, E] in order), as q_proj's are.
 
+Paper settings kept as defaults: QK-norm on (every model in the paper has it; qk_norm=false for the ablation
+without), and the gate weight W_θ initialised like the released code's (where the gate is extra columns of q_proj)
+from N(0, 0.02^2), the Hugging Face initializer_range, not fan-in: gate_init_std (none: fan-in, 1/sqrt(D), as
+attnzoo's other projections). The paper matches parameters against its baseline by narrowing the gated model's FFN;
+that is the experiment's job (e.g. a block option mlp_hidden), not the mixer's.
+
 A headwise multiplicative G1 gate runs in the flash kernel's output-gate epilogue (`attention(..., gate_BTH=...)`);
 every other gate is applied in JAX around the attention call (XLA fuses it), in float32 as the paper recommends.
 Decode applies the same gate to the new tokens, before the keys / values go into the cache, so decode == full
@@ -40,7 +46,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attnzoo.config import ModelConfig
-from attnzoo.layers import dense
 from attnzoo.mixers.base import ForwardContext, MixerOutput, SharedParams
 from attnzoo.mixers.gqa import GQAOptions, GQAttention, KVCache
 from attnzoo.registry import register
@@ -55,13 +60,18 @@ ACTIVATIONS = {
 # multiplicative gate in its ablations (additive=false).
 MULTIPLICATIVE = ("sigmoid", "ns_sigmoid", "silu")
 ADDITIVE = ("silu", "identity")
+GATE_INIT_STD = 0.02  # the released code's initializer_range for q_proj, whose extra columns are the gate
 
 
 @dataclasses.dataclass(frozen=True)
 class GatedOptions(GQAOptions):
-    """GQA's options (heads, window, qk_norm, rope, soft cap) plus the gate: `position` G1..G5 (module docstring),
-    `granularity`, `head_specific`, `activation`, `additive` (none: the paper's pairing, sigmoid / ns_sigmoid multiply,
-    silu / identity add), `input_dependent` (false: the paper's input-independent probe, act(θ))."""
+    """GQA's options (heads, window, qk_norm, rope, soft cap; qk_norm on by default here, as in every model of the
+    paper) plus the gate: `position` G1..G5 (module docstring), `granularity`, `head_specific`, `activation`,
+    `additive` (none: the paper's pairing, sigmoid / ns_sigmoid multiply, silu / identity add), `input_dependent`
+    (false: the paper's input-independent probe, act(θ)), `gate_init_std` (std of W_θ's normal init, 0.02 as in the
+    released code; none: fan-in 1/sqrt(d_model))."""
+
+    qk_norm: bool = True
 
     position: Literal["G1", "G2", "G3", "G4", "G5"] = "G1"
     granularity: Literal["elementwise", "headwise"] = "elementwise"
@@ -69,9 +79,15 @@ class GatedOptions(GQAOptions):
     activation: Literal["sigmoid", "ns_sigmoid", "silu", "identity"] = "sigmoid"
     additive: bool | None = None
     input_dependent: bool = True
+    gate_init_std: float | None = GATE_INIT_STD
 
     def __post_init__(self):
         super().__post_init__()
+        if self.gate_init_std is not None and self.gate_init_std <= 0:
+            raise ValueError(f"gate_init_std={self.gate_init_std} must be > 0 (or none for fan-in, 1/sqrt(d_model))")
+        if self.gate_init_std != GATE_INIT_STD and not self.input_dependent:
+            raise ValueError(f"gate_init_std={self.gate_init_std} has no effect with input_dependent=false (its gate "
+                             f"logits start at zero)")
         if self.additive is None:
             object.__setattr__(self, "additive", self.activation in ADDITIVE)
         allowed = ADDITIVE if self.additive else MULTIPLICATIVE
@@ -86,8 +102,9 @@ class GatedOptions(GQAOptions):
             raise ValueError("head_specific=false shares an elementwise [T, head_dim] score across heads: it needs "
                              "granularity=elementwise")
         if self.position in ("G3", "G4") and self.granularity == "headwise" and not self.additive and self.qk_norm:
-            raise ValueError(f"position={self.position} with granularity=headwise and qk_norm=true: the per-head "
-                             f"RMSNorm would cancel a per-head scale; use granularity=elementwise or qk_norm=false")
+            raise ValueError(f"position={self.position} with granularity=headwise and qk_norm=true (the default): "
+                             f"the per-head RMSNorm would cancel a per-head scale; use granularity=elementwise or "
+                             f"qk_norm=false")
 
 
 @register("gated", options=GatedOptions)
@@ -111,8 +128,10 @@ class GatedAttention(GQAttention):
         self.gate_in_kernel = options.position == "G1" and options.granularity == "headwise" and not self.additive
         param_dtype = jnp.dtype(config.param_dtype)
         if options.input_dependent:
-            self.gate_proj = dense(config.d_model, width, dtype=jnp.dtype(config.dtype), param_dtype=param_dtype,
-                                   rngs=rngs)
+            std = config.d_model**-0.5 if options.gate_init_std is None else options.gate_init_std
+            self.gate_proj = nnx.Linear(config.d_model, width, use_bias=False,
+                                        kernel_init=jax.nn.initializers.normal(stddev=std),
+                                        dtype=jnp.dtype(config.dtype), param_dtype=param_dtype, rngs=rngs)
             self.gate_logits = None
         else:
             self.gate_proj = None

@@ -18,11 +18,22 @@ layer's (normed) input, H^i_t head i's attention output and W_s [h_s, d], W_r [R
 
 The loss gets balance_coef * L_b averaged over this model's MoH layers (Eq. 8 with beta = 0.01, aggregated as the
 released code does: loss += 0.01 * mean over layers), so each layer returns balance_coef * L_b / n_moh_layers as its
-aux_loss, over all B*T tokens of a "full" (training / scoring) call; prefill and decode add none. As in the code:
+aux_loss, over the tokens of a "full" (training / scoring) call; prefill and decode add none. Padding is left out
+of P_i and f_i where the context says which tokens are padding: with `ctx.lengths_B` in "full" mode (right-padded
+sequences, token t of sequence b real iff t < lengths_B[b]). Without it every token counts (the model's "full"
+forward passes no lengths today, so a padded training batch still averages over its padding). As in the code:
 h_s = 1 has no W_s (s = 1), no shared heads (h_s = 0) means no W_h (g = the routed weights), and two_stage=false
 drops W_h (a1 = a2 = 1, the paper's "w/o two-stage routing" ablation). Shared heads are heads 0..h_s-1; heads are
 laid out like GQA (n_kv_heads key/value heads, query head i reads kv head i // (n_heads / n_kv_heads)), with RoPE.
 The router names map to the released code's: router_routed = wg, router_shared = wg_1, router_stage = wg_0.
+
+router="query_norm" is MoH-LLaMA3's parameter-free router (continue-tuning a pretrained model; released inference
+code): the routing logits are the L2 norms of the routed heads' queries x W_q^i (before QK-norm and RoPE), divided
+by their standard deviation across those heads (unbiased, as torch.std), p_t = Softmax over them, and the gates are
+0/1: shared heads 1, routed heads 1 when in TopK(p_t), else 0 (no reweighting: two_stage does not apply, and
+scaling only sets L_b's scale). Training passes the gradient through the hard gates straight-through,
+g = m + p - stop_gradient(p) with m the 0/1 top-K mask (value m, gradient of p), and L_b uses this p. It has no
+router weights.
 
 Compute: every head is computed for every token and unrouted heads get weight 0 (exact, no speedup). The weights
 go into the flash kernel's output-gate epilogue (`attention(..., gate_BTH=g)`), so routing costs no extra pass
@@ -60,6 +71,8 @@ class MoHOptions(GQAOptions):
     two_stage: the shared / routed balance a1, a2 = Softmax(W_h x) (Eq. 6); false: a1 = a2 = 1.
     scaling: "code" (the released code's weights and loss scale, default) or "paper" (Eqs. 5 and 7 as printed).
     balance_coef: beta, the load-balance loss coefficient (0.01 in the paper; 0 turns the loss off).
+    router: "learned" (W_r, W_s, W_h: the paper's Eqs. 5-6, default) or "query_norm" (MoH-LLaMA3's parameter-free
+      router from the routed heads' query norms with 0/1 straight-through gates; module docstring).
     """
 
     n_shared_heads: int | None = None
@@ -67,6 +80,7 @@ class MoHOptions(GQAOptions):
     two_stage: bool = True
     scaling: Literal["code", "paper"] = "code"
     balance_coef: float = 0.01
+    router: Literal["learned", "query_norm"] = "learned"
 
     def __post_init__(self):
         super().__post_init__()
@@ -78,6 +92,11 @@ class MoHOptions(GQAOptions):
             raise ValueError(f"scaling={self.scaling!r} must be one of 'code', 'paper'")
         if self.balance_coef < 0:
             raise ValueError(f"balance_coef={self.balance_coef} must be >= 0 (0.01 in the paper)")
+        if self.router not in ("learned", "query_norm"):
+            raise ValueError(f"router={self.router!r} must be one of 'learned', 'query_norm'")
+        if self.router == "query_norm" and not self.two_stage:
+            raise ValueError("two_stage=false has no effect with router=query_norm (its gates are 0/1, with no "
+                             "shared / routed weights)")
 
 
 def _split(options: MoHOptions, n_heads: int) -> tuple[int, int]:
@@ -109,6 +128,9 @@ class MoHAttention(GQAttention):
         if top_k > n_heads - n_shared:
             raise ValueError(f"top_k={top_k} must be in 1..{n_heads - n_shared}, the routed heads "
                              f"(n_heads={n_heads} - n_shared_heads={n_shared})")
+        if options.router == "query_norm" and n_heads - n_shared < 2:
+            raise ValueError(f"router=query_norm normalises the routed heads' query norms by their spread, so it "
+                             f"needs at least 2 routed heads (n_heads={n_heads} - n_shared_heads={n_shared})")
 
     def __init__(self, config: ModelConfig, options: MoHOptions, *, shared: SharedParams | None = None,
                  rngs: nnx.Rngs):
@@ -116,15 +138,16 @@ class MoHAttention(GQAttention):
         self.n_shared, self.top_k = _split(options, self.n_heads)
         self.n_routed = self.n_heads - self.n_shared
         self.code_scaling = options.scaling == "code"
+        self.query_norm_router = options.router == "query_norm"
         # The loss takes the mean of L_b over the MoH layers (as the released code does); each layer adds its share.
         n_moh_layers = sum(issubclass(get_mixer(spec.mixer).cls, MoHAttention) for spec in config.layers)
         self.balance_weight = options.balance_coef / n_moh_layers
         # Routers in float32: top-k choices and small weights should not depend on the compute dtype.
         kw = dict(dtype=jnp.float32, param_dtype=jnp.dtype(config.param_dtype), rngs=rngs)
-        d = config.d_model
-        self.router_routed = dense(d, self.n_routed, **kw)
-        self.router_shared = dense(d, self.n_shared, **kw) if self.n_shared > 1 else None
-        self.router_stage = dense(d, 2, **kw) if options.two_stage and self.n_shared > 0 else None
+        d, learned = config.d_model, not self.query_norm_router
+        self.router_routed = dense(d, self.n_routed, **kw) if learned else None
+        self.router_shared = dense(d, self.n_shared, **kw) if learned and self.n_shared > 1 else None
+        self.router_stage = dense(d, 2, **kw) if learned and options.two_stage and self.n_shared > 0 else None
 
     def route(self, x_BTD) -> Routing:
         """Each token's head weights g (Eqs. 5-6, or the released code's scaling)."""
@@ -150,36 +173,64 @@ class MoHAttention(GQAttention):
             shared_BTS, routed_BTR = shared_BTS * stage_BT2[..., :1], routed_BTR * stage_BT2[..., 1:]
         return Routing(jnp.concatenate([shared_BTS, routed_BTR], axis=-1), probs_BTR, selected_BTR, alpha_BT2)
 
-    def balance_loss(self, routing: Routing) -> jax.Array:
-        """L_b (Eq. 7, times R with the code's scaling) over every token of the call."""
-        importance_R = jnp.mean(routing.probs_BTR, axis=(0, 1))  # P_i
-        load_R = jax.lax.stop_gradient(jnp.mean(routing.selected_BTR, axis=(0, 1)))  # f_i
+    def route_by_query_norm(self, q_BTHE) -> Routing:
+        """MoH-LLaMA3's parameter-free router: 0/1 gates from the routed heads' query norms, straight-through."""
+        norms_BTR = jnp.linalg.norm(q_BTHE[:, :, self.n_shared:].astype(jnp.float32), axis=-1)
+        # torch.std's unbiased spread across the routed heads; floored so that equal norms cannot divide by zero.
+        spread_BT1 = jnp.std(norms_BTR, axis=-1, ddof=1, keepdims=True)
+        probs_BTR = jax.nn.softmax(norms_BTR / jnp.maximum(spread_BT1, 1e-6), axis=-1)
+        _, top_BTK = jax.lax.top_k(probs_BTR, self.top_k)
+        selected_BTR = jax.nn.one_hot(top_BTK, self.n_routed, dtype=jnp.float32).sum(axis=-2)
+        routed_BTR = selected_BTR + (probs_BTR - jax.lax.stop_gradient(probs_BTR))  # value 0/1, gradient of p
+        shared_BTS = jnp.ones((*q_BTHE.shape[:2], self.n_shared), jnp.float32)
+        return Routing(jnp.concatenate([shared_BTS, routed_BTR], axis=-1), probs_BTR, selected_BTR, None)
+
+    def balance_loss(self, routing: Routing, valid_BT=None) -> jax.Array:
+        """L_b (Eq. 7, times R with the code's scaling) over the call's tokens (the valid ones, where given)."""
+        importance_R = _token_mean(routing.probs_BTR, valid_BT)  # P_i
+        load_R = jax.lax.stop_gradient(_token_mean(routing.selected_BTR, valid_BT))  # f_i
         loss = jnp.sum(importance_R * load_R)
         return loss * self.n_routed if self.code_scaling else loss
 
-    def routing_metrics(self, routing: Routing) -> dict[str, jax.Array]:
+    def routing_metrics(self, routing: Routing, valid_BT=None) -> dict[str, jax.Array]:
         """Head load f_i (fraction of tokens routed to each routed head; balanced: top_k / R each), L_b, the
-        routers' entropy (nats) and the mean shared-side stage weight a1."""
-        load_R = jnp.mean(routing.selected_BTR, axis=(0, 1))
+        routers' entropy (nats) and the mean shared-side stage weight a1, over the valid tokens where given."""
+        load_R = _token_mean(routing.selected_BTR, valid_BT)
         probs = routing.probs_BTR
+        entropy_BT1 = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1, keepdims=True)
         metrics = {"head_load_max": jnp.max(load_R), "head_load_min": jnp.min(load_R),
-                   "head_load_cv": jnp.std(load_R) / jnp.mean(load_R), "balance_loss": self.balance_loss(routing),
-                   "router_entropy": jnp.mean(-jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1))}
+                   "head_load_cv": jnp.std(load_R) / jnp.mean(load_R),
+                   "balance_loss": self.balance_loss(routing, valid_BT),
+                   "router_entropy": _token_mean(entropy_BT1, valid_BT)[0]}
         if routing.alpha_BT2 is not None:
-            metrics["shared_weight"] = jnp.mean(routing.alpha_BT2[..., 0])
+            metrics["shared_weight"] = _token_mean(routing.alpha_BT2[..., :1], valid_BT)[0]
         return metrics
 
     def __call__(self, x_BTD, ctx: ForwardContext, cache: KVCache | None = None) -> MixerOutput:
-        routing = self.route(x_BTD)
         q_BTHE, k_BTKE, v_BTKE = self.project(x_BTD)
+        routing = self.route_by_query_norm(q_BTHE) if self.query_norm_router else self.route(x_BTD)
         q_BTHE, k_BTKE = self.position_qk(q_BTHE, k_BTKE, ctx.positions_BT)
         # The head weights ride in the flash kernel's output-gate epilogue (after the kernel when decoding).
         o_BTHE, cache, metrics = self.attend(q_BTHE, k_BTKE, v_BTKE, ctx, cache, gate_BTH=routing.weights_BTH)
-        aux_loss = self.balance_weight * self.balance_loss(routing) if ctx.mode == "full" else 0.0
+        # Right-padded sequences of lengths_B tokens (decode's lengths_B counts cached tokens instead).
+        valid_BT = None
+        if ctx.mode != "decode" and ctx.lengths_B is not None:
+            valid_BT = jnp.arange(x_BTD.shape[1])[None, :] < ctx.lengths_B[:, None]
+        aux_loss = self.balance_weight * self.balance_loss(routing, valid_BT) if ctx.mode == "full" else 0.0
         if ctx.diagnostics:
-            metrics = {**metrics, **self.routing_metrics(routing)}
+            metrics = {**metrics, **self.routing_metrics(routing, valid_BT)}
         return MixerOutput(self.output(o_BTHE), cache, aux_loss, metrics)
 
     def flops_per_token(self, seq_len: int) -> int:
         routers = [r for r in (self.router_routed, self.router_shared, self.router_stage) if r is not None]
-        return super().flops_per_token(seq_len) + sum(2 * r.in_features * r.out_features for r in routers)
+        # The parameter-free router's cost: the routed heads' query norms (a multiply-add per channel).
+        norms = 2 * self.n_routed * self.head_dim if self.query_norm_router else 0
+        return super().flops_per_token(seq_len) + sum(2 * r.in_features * r.out_features for r in routers) + norms
+
+
+def _token_mean(x_BTX, valid_BT=None) -> jax.Array:
+    """Mean over batch and time [X], over the valid tokens only where a mask is given."""
+    if valid_BT is None:
+        return jnp.mean(x_BTX, axis=(0, 1))
+    weights_BT1 = valid_BT[..., None].astype(x_BTX.dtype)
+    return jnp.sum(x_BTX * weights_BT1, axis=(0, 1)) / jnp.maximum(jnp.sum(weights_BT1), 1.0)
