@@ -18,9 +18,8 @@ import dataclasses
 import re
 from typing import Any, Literal, Mapping, Sequence
 
-from pallas_kernels import ops as kernel_ops
-
 from attnzoo import registry
+from pallas_kernels import ops as kernel_ops
 
 DTYPES = ("float32", "bfloat16", "float16")
 

@@ -22,7 +22,6 @@ from attnzoo.layers import RMSNorm, SwiGLU
 from attnzoo.mixers.base import ForwardContext, Mixer, Mode, SharedParams
 from attnzoo.registry import get_mixer
 
-
 SIDE_STREAM = "side_stream"  # the SharedParams key of a fixed side stream built by a mixer's make_shared
 
 

@@ -85,7 +85,8 @@ def make_options(owner: str, options_cls: type, given: Mapping[str, Any], defaul
     fields = {f.name for f in dataclasses.fields(options_cls)}
     unknown = sorted(set(given) - fields)
     if unknown:
-        raise ValueError(f"{owner} has no option {', '.join(unknown)}; allowed: {', '.join(sorted(fields)) or '(none)'}")
+        allowed = ", ".join(sorted(fields)) or "(none)"
+        raise ValueError(f"{owner} has no option {', '.join(unknown)}; allowed: {allowed}")
     hints = typing.get_type_hints(options_cls)
     values = {**defaults, **given}
     for key, value in values.items():

@@ -124,7 +124,7 @@ def _load(op: str, name: str) -> ModuleType | Exception:
         except Exception as err:  # a broken backend disables itself, never the package
             _loaded[impl.module] = err
             warnings.warn(f"pallas_kernels: {op} implementation {name!r} is {_disabled(impl, err)}; 'auto' and "
-                          f"sequences skip it", RuntimeWarning)
+                          f"sequences skip it", RuntimeWarning, stacklevel=3)
     return _loaded[impl.module]
 
 

@@ -8,8 +8,7 @@ import os
 from attnzoo.data.corpus import NAMED_CORPORA, TextCorpus, kjv_corpus, load_corpus, stdlib_corpus, text_corpus
 from attnzoo.data.dataset import IGNORE_INDEX, ArrayDataset, TokenDataset, unigram_entropy
 from attnzoo.data.synthetic import mqar
-from attnzoo.data.tokenizers import (BPETokenizer, ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer,
-                                     make_tokenizer)
+from attnzoo.data.tokenizers import BPETokenizer, ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer, make_tokenizer
 
 
 def load_text_dataset(data: str | list[str], tokenizer: Tokenizer, cache_dir: str | os.PathLike) -> TokenDataset:

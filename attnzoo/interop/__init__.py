@@ -3,8 +3,13 @@ Mamba-2): `load_pretrained(directory) -> (model, tokenizer)` and `save_pretraine
 The per-architecture tables are in `attnzoo.interop.tables`."""
 
 from attnzoo.data.tokenizers import HFTokenizer
-from attnzoo.interop.pretrained import (CheckpointTensorError, load_pretrained, load_weights, read_config,
-                                        save_pretrained)
+from attnzoo.interop.pretrained import (
+                                        CheckpointTensorError,
+                                        load_pretrained,
+                                        load_weights,
+                                        read_config,
+                                        save_pretrained,
+)
 from attnzoo.interop.tables import ARCHITECTURES, UnsupportedConfigError
 
 __all__ = ["ARCHITECTURES", "CheckpointTensorError", "HFTokenizer", "UnsupportedConfigError", "load_pretrained",

@@ -25,8 +25,17 @@ from safetensors.numpy import save_file
 
 from attnzoo.config import ModelConfig
 from attnzoo.data.tokenizers import load_directory_tokenizer, save_tokenizer
-from attnzoo.interop.tables import (LINEAR, ROPE_KV, ROPE_Q, Architecture, LayerContext, Layout,
-                                    UnsupportedConfigError, architecture_for_config, architecture_for_model)
+from attnzoo.interop.tables import (
+    LINEAR,
+    ROPE_KV,
+    ROPE_Q,
+    Architecture,
+    LayerContext,
+    Layout,
+    UnsupportedConfigError,
+    architecture_for_config,
+    architecture_for_model,
+)
 from attnzoo.model import LanguageModel
 
 CONFIG_FILE = "config.json"

@@ -46,8 +46,7 @@ from attnzoo.cache import rows_before, write_at
 from attnzoo.config import ModelConfig
 from attnzoo.diagnostics import attention_diagnostics
 from attnzoo.layers import apply_rope, dense
-from attnzoo.mixers.base import (ForwardContext, Mixer, MixerOutput, SharedParams, Supports, average_context,
-                                 dtype_bytes)
+from attnzoo.mixers.base import ForwardContext, Mixer, MixerOutput, SharedParams, Supports, average_context, dtype_bytes
 from attnzoo.registry import register
 
 

@@ -4,8 +4,17 @@ from attnzoo.train.checkpoint import Checkpointer, ConfigMismatchError, RunDirEr
 from attnzoo.train.optim import TrainConfig, learning_rate_schedule, make_optimizer, weight_decay_mask
 from attnzoo.train.sharding import Placement, maybe_initialize_distributed
 from attnzoo.train.tracking import TrackingConfig
-from attnzoo.train.trainer import (NonFiniteLossError, TrainingInterrupted, TrainResult, Trainer, evaluate,
-                                   init_train_state, make_eval_step, make_train_step, train)
+from attnzoo.train.trainer import (
+                                   NonFiniteLossError,
+                                   Trainer,
+                                   TrainingInterrupted,
+                                   TrainResult,
+                                   evaluate,
+                                   init_train_state,
+                                   make_eval_step,
+                                   make_train_step,
+                                   train,
+)
 
 __all__ = ["Checkpointer", "ConfigMismatchError", "NonFiniteLossError", "Placement", "RunDirError", "TrainConfig",
            "TrainResult", "Trainer", "TrainingInterrupted", "evaluate", "init_train_state", "learning_rate_schedule",

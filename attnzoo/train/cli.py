@@ -38,8 +38,8 @@ from flax import nnx
 
 from attnzoo.config import PRESETS, get_preset
 from attnzoo.data import TokenDataset, load_corpus, load_tokenizer, make_tokenizer, unigram_entropy
-from attnzoo.data.tokenizers import load_directory_tokenizer
 from attnzoo.data.corpus import DATA_HELP
+from attnzoo.data.tokenizers import load_directory_tokenizer
 from attnzoo.model import LanguageModel
 from attnzoo.train.checkpoint import RUN_CONFIG_FILE, ConfigMismatchError, RunDirError, ensure_no_run, read_run_config
 from attnzoo.train.optim import PARALLELISMS, TrainConfig

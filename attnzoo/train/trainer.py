@@ -48,6 +48,8 @@ from attnzoo.train.optim import TrainConfig, applied_updates, current_learning_r
 from attnzoo.train.sharding import Placement, is_primary_process, uses_preemption_service
 from attnzoo.train.tracking import Tracking, TrackingConfig
 
+DEFAULT_TRACKING = TrackingConfig()  # metrics.jsonl and TensorBoard
+
 PLOT_FILE = "loss.png"
 SAMPLE_FILE = "sample.txt"
 TOKENIZER_DIR = "tokenizer"
@@ -86,8 +88,8 @@ class NonFiniteLossError(RuntimeError):
         super().__init__(
             f"step {step}: {bad_steps} steps in a row (steps {step - bad_steps + 1}-{step}) had a non-finite loss "
             f"or gradient norm; their updates were skipped, so the parameters are those of step "
-            f"{step - bad_steps}. Training stopped without a final checkpoint; {checkpoint}. Lower the learning rate or "
-            f"check the data of those steps before resuming")
+            f"{step - bad_steps}. Training stopped without a final checkpoint; {checkpoint}. Lower the learning rate "
+            f"or check the data of those steps before resuming")
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -316,7 +318,7 @@ class Trainer:
                  tokenizer=None, sample_prompt: str = "\n", sample_tokens: int = 200,
                  sample_temperature: float = 0.8, echo: Callable[[str], None] = print, progress: bool = True,
                  loss_baseline: float | None = None, max_bad_steps: int = 10,
-                 tracking: TrackingConfig = TrackingConfig()):
+                 tracking: TrackingConfig = DEFAULT_TRACKING):
         if max_bad_steps <= 0:
             raise ValueError(f"max_bad_steps={max_bad_steps} must be positive")
         self.config, self.dataset, self.run_dir = config, dataset, Path(run_dir)

@@ -4,8 +4,12 @@ Transformer). Implementations (see `pallas_kernels.ops`): pallas_triton.py (+ pa
 (xla); imported on first use. `transpose_block_indices` builds the per-kv-block lists of the dK/dV pass;
 `check_block_indices` validates lists (also under jit, as a flag)."""
 
-from pallas_kernels.block_sparse_attention.api import (block_index_problems, block_sparse_attention,
-                                                       check_block_indices, transpose_block_indices)
+from pallas_kernels.block_sparse_attention.api import (
+                                                       block_index_problems,
+                                                       block_sparse_attention,
+                                                       check_block_indices,
+                                                       transpose_block_indices,
+)
 from pallas_kernels.block_sparse_attention.reference import block_sparse_attention_reference
 
 __all__ = ["block_index_problems", "block_sparse_attention", "block_sparse_attention_reference",

@@ -241,8 +241,8 @@ def _kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *, cfg: Config, head_
 
         for j in range(stages):  # stages <= kv_steps_total, and every CTA has >= 1 step
             @pl.when(j < n_steps)
-            def _():
-                load(j, j)
+            def _():  # traced at once by pl.when, inside this iteration: j is bound when it runs
+                load(j, j)  # noqa: B023
 
         @pl.loop(stages, n_steps)
         def _refill(j):
@@ -275,7 +275,9 @@ def forward(q_BTHE, k_BSKE, v_BSKE, cfg: Config):
     transforms = (plgpu.TilingTransform((8, swizzle // dtype.itemsize)), plgpu.SwizzleTransform(swizzle))
 
     def entry(q_ref, k_ref, v_ref, out_ref, lse_ref):
-        smem = lambda *shape: plgpu.SMEM(shape, dtype, transforms=transforms)
+        def smem(*shape):
+            return plgpu.SMEM(shape, dtype, transforms=transforms)
+
         p_smem = smem(COMPUTE_WGS, block_q, block_kv) if cfg.p_in_smem else None
         pl.run_scoped(
             lambda *scoped: _kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, (scoped[:5], scoped[5:]), cfg=cfg,
