@@ -11,7 +11,7 @@ and hands it to the mixer:
         def __call__(self, x_BTD, ctx: ForwardContext, cache=None) -> MixerOutput
         def flops_per_token(self, seq_len: int) -> int
         # optional, with defaults here: check (config-time validation), make_shared, init_cache,
-        # cache_bytes_per_token
+        # cache_bytes_per_token, inert_options (options that cannot change the output, with why)
 
 `ctx.mode` is static: "full" (training / scoring), "prefill" (fill an empty cache from right-padded prompts of
 `ctx.lengths_B` tokens), "decode" (the new tokens sit at positions `ctx.lengths_B` .. `ctx.lengths_B + T - 1` of each
@@ -21,7 +21,7 @@ sequence). The model keeps the per-sequence lengths; a cache holds only the mixe
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Literal, NamedTuple
+from typing import Any, ClassVar, Iterable, Literal, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +39,9 @@ class ForwardContext:
     mode: Mode
     positions_BT: jax.Array
     segment_ids_BT: jax.Array | None = None
-    # prefill: prompt lengths; decode: tokens already in the cache before this call.
+    # prefill: prompt lengths; decode: tokens already in the cache before this call; full: the real lengths of
+    # right-padded sequences when the caller gives them (per-token statistics, e.g. MoH's balance loss, skip the
+    # padding), else None.
     lengths_B: jax.Array | None = None
     # The token embeddings (the model's input stream), for mixers that read them at every depth (StaticEmbQK).
     input_embeddings_BTD: jax.Array | None = None
@@ -83,6 +85,11 @@ class Mixer(nnx.Module):
     """Base of every token mixer; see the module docstring for the contract."""
 
     supports: ClassVar[Supports] = Supports()
+    # Options that cannot change the forward output, each with why (e.g. "kernel implementation choice: numerically
+    # equal", "decode algorithm only: numerically equal"). Every other option must change what the mixer computes
+    # for some input, and an option that does nothing in some setting is rejected there by `check` or the options'
+    # __post_init__ (tests/test_mixer_options.py). A subclass extends its parent's: {**Parent.inert_options, ...}.
+    inert_options: ClassVar[Mapping[str, str]] = {}
 
     @classmethod
     def check(cls, options: Any, config: ModelConfig) -> None:
@@ -105,6 +112,16 @@ class Mixer(nnx.Module):
     def flops_per_token(self, seq_len: int) -> int:
         """Forward FLOPs per token averaged over a causal sequence of `seq_len` (2 per multiply-add)."""
         raise NotImplementedError
+
+
+def reject_unused(options: Any, names: Iterable[str], where: str) -> None:
+    """For an options dataclass's __post_init__ (or a mixer's check): raise ValueError naming the first of `names`
+    set away from its default, since the setting `where` describes does not read it ("without image_side"). An
+    option that does nothing in some setting is rejected there, never accepted and ignored."""
+    defaults = {f.name: f.default for f in dataclasses.fields(options)}
+    for name in names:
+        if getattr(options, name) != defaults[name]:
+            raise ValueError(f"{name}={getattr(options, name)!r} has no effect {where}")
 
 
 def average_context(seq_len: int, window: int | None) -> float:

@@ -19,11 +19,11 @@ The router's inputs are stop-gradient (BiFormer's diff_routing=False; MoBA's gat
 are float32. top_k counts routed PAST blocks only; the current block is always attended with a token-level causal
 mask (MoBA's k = top_k + 1).
 
-Why this is causal (routing_sparse.md section 1.4). Key side: the pooled key of the current block holds tokens after
+Why this is causal. Key side: the pooled key of the current block holds tokens after
 t, so it is never routed to; only blocks j < block(t), complete before t, are candidates. Query side: BiFormer's
 region query mean(q over block i) holds tokens after t, so the routing of block i, and every output in it, would
-see the future; "bra" routes block i with the mean query of block i - 1 instead (routing_sparse.md 1.4 (b), without
-forcing block i - 1), "moba" routes each token with its own query (1.4 (a)). tests/test_mixer_bilevel_routing.py
+see the future; "bra" routes block i with the mean query of block i - 1 instead (a lagged router, without
+forcing block i - 1), "moba" routes each token with its own query. tests/test_mixer_bilevel_routing.py
 perturbs every token from t on and checks that no routing decision and no output before t changes.
 
 Image form (image_side=n): BiFormer's BRA on an n x n token grid in raster order, NON-CAUSAL (an encoder-style
@@ -62,7 +62,7 @@ from flax import nnx
 import pallas_kernels
 from attnzoo.cache import write_at
 from attnzoo.config import ModelConfig
-from attnzoo.mixers.base import ForwardContext, MixerOutput, SharedParams, Supports, dtype_bytes
+from attnzoo.mixers.base import ForwardContext, MixerOutput, SharedParams, Supports, dtype_bytes, reject_unused
 from attnzoo.mixers.gqa import GQAOptions, GQAttention, KVCache
 from attnzoo.mixers.mamba import DepthwiseConv1d
 from attnzoo.registry import register
@@ -111,7 +111,10 @@ class BilevelRoutingOptions:
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size={self.block_size} must be a power of 2 (the block-sparse kernel's tiles; "
                              f"the Triton kernel needs >= 16)")
-        if self.image_side is not None:
+        if self.image_side is None:
+            reject_unused(self, ("regions_per_side",), "without image_side (the causal form routes blocks)")
+        else:
+            reject_unused(self, ("block_size",), "with image_side (the image form routes regions)")
             if self.router != "bra":
                 raise ValueError(f"router={self.router!r}: the image form (image_side) is BiFormer's region routing; "
                                  f"use router='bra'")

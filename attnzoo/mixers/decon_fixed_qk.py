@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from attnzoo.config import ModelConfig
-from attnzoo.mixers.base import ForwardContext, SharedParams
+from attnzoo.mixers.base import ForwardContext, SharedParams, reject_unused
 from attnzoo.mixers.decon_static_emb_qk import DecoupledQKAttention
 from attnzoo.mixers.gqa import GQAOptions, KVCache
 from attnzoo.model import SIDE_STREAM
@@ -69,7 +69,8 @@ FIXED_TEXT = (
 @dataclasses.dataclass(frozen=True)
 class DeconFixedQKOptions(GQAOptions):
     """GQA's options (MHA by default), and the fixed stream: source "random" (embeddings ~ N(0, sigma^2), drawn
-    with `seed`) or "text" (FIXED_TEXT's bytes as tokens through the model's embedding)."""
+    with `seed`) or "text" (FIXED_TEXT's bytes as tokens through the model's embedding; sigma and seed are then
+    errors)."""
 
     source: Literal["random", "text"] = "random"
     sigma: float = 0.02
@@ -81,6 +82,8 @@ class DeconFixedQKOptions(GQAOptions):
             raise ValueError(f"source={self.source!r} must be one of {', '.join(SOURCES)}")
         if not self.sigma > 0:
             raise ValueError(f"sigma={self.sigma} must be > 0")
+        if self.source == "text":
+            reject_unused(self, ("sigma", "seed"), "with source='text' (they draw the random stream)")
 
     def stream(self) -> tuple:
         """What fixes the stream's content (every layer of a model must agree on it: there is one stream)."""

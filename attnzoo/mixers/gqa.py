@@ -23,9 +23,19 @@ from attnzoo.cache import write_at
 from attnzoo.config import ModelConfig
 from attnzoo.diagnostics import attention_diagnostics
 from attnzoo.layers import RMSNorm, RopeScaling, apply_rope, dense
-from attnzoo.mixers.base import (ForwardContext, Mixer, MixerOutput, SharedParams, Supports, average_context,
-                                 dtype_bytes)
+from attnzoo.mixers.base import (
+    ForwardContext,
+    Mixer,
+    MixerOutput,
+    SharedParams,
+    Supports,
+    average_context,
+    dtype_bytes,
+    reject_unused,
+)
 from attnzoo.registry import register
+
+ROPE_FACTORS = ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +45,7 @@ class GQAOptions:
     logits_soft_cap: c * tanh(logits / c). qkv_bias / out_bias: biases on the q, k, v / output projections (Qwen2
     has the first, Llama's attention_bias both). rope_scaling: "linear" or "llama3" frequency rescaling for context
     extension (see attnzoo.layers.RopeScaling) with rope_factor, and for llama3 rope_low_freq_factor,
-    rope_high_freq_factor, rope_original_max_len."""
+    rope_high_freq_factor, rope_original_max_len (each factor is an error without the scaling that reads it)."""
 
     n_heads: int | None = None
     n_kv_heads: int | Literal["all"] | None = None
@@ -54,6 +64,10 @@ class GQAOptions:
 
     def __post_init__(self):
         self.rope_frequency_scaling()  # checks the rope_* values
+        if self.rope_scaling is None:
+            reject_unused(self, ROPE_FACTORS, "without rope_scaling")
+        elif self.rope_scaling == "linear":
+            reject_unused(self, ROPE_FACTORS[1:], "with rope_scaling='linear' (only 'llama3' reads it)")
         for name in ("n_heads", "head_dim", "window"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -192,7 +206,8 @@ class GQAttention(Mixer):
         d = self.q_proj.in_features
         proj = 2 * d * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
         # q.k and p.v, 2 FLOPs per multiply-add each, over the keys a causal query sees on average (about half the
-        # sequence: the causal-halved convention of FlashAttention and of shared/anchors' MFU; PaLM counts it whole).
+        # sequence: the causal-halved convention of FlashAttention and of the peer MFU in BENCHMARKS.md; PaLM counts
+        # it whole).
         attend = 4 * self.n_heads * self.head_dim * average_context(seq_len, self.window)
         return int(round(proj + attend))
 

@@ -254,6 +254,7 @@ def output_norm(name: str, n_heads: int, head_dim: int, config: ModelConfig) -> 
 @register("linear_attention", options=LinearAttentionOptions)
 class LinearAttention(Mixer):
     supports = Supports(decode=True, multi_token_decode=True, kernel_ops=("chunked_linear_attention",))
+    inert_options = {"chunk_size": "the chunk length of the chunked scan: the same result up to float rounding"}
 
     @classmethod
     def check(cls, options: LinearAttentionOptions, config: ModelConfig) -> None:

@@ -209,6 +209,7 @@ class DepthwiseConv1d(nnx.Module):
 @register("mamba", options=MambaOptions)
 class Mamba(Mixer):
     supports = Supports(decode=True, multi_token_decode=True, kernel_ops=())
+    inert_options = {"chunk_size": "the chunk length of the chunked scan: the same result up to float rounding"}
 
     def __init__(self, config: ModelConfig, options: MambaOptions, *, shared: SharedParams | None = None,
                  rngs: nnx.Rngs):

@@ -149,6 +149,7 @@ class GatedRMSNorm(nnx.Module):
 @register("mamba2", options=Mamba2Options)
 class Mamba2(Mixer):
     supports = Supports(decode=True, multi_token_decode=True, kernel_ops=("chunked_linear_attention",))
+    inert_options = {"chunk_size": "the chunk length of the chunked scan: the same result up to float rounding"}
 
     @classmethod
     def check(cls, options: Mamba2Options, config: ModelConfig) -> None:

@@ -135,6 +135,7 @@ class LatentCache:
 @register("mla", options=MLAOptions)
 class MultiHeadLatentAttention(Mixer):
     supports = Supports(kernel_ops=("flash_attention", "decode_attention"))
+    inert_options = {"decode": "the decode algorithm (absorbed or naive): the same result up to float rounding"}
 
     def __init__(self, config: ModelConfig, options: MLAOptions, *, shared: SharedParams | None = None,
                  rngs: nnx.Rngs):
