@@ -78,14 +78,15 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--window", type=int, default=8, help="attention window of every plan")
     p.add_argument("--chunk", type=int, default=8, help="memory chunk size / MAC segment")
-    p.add_argument("--max-lr", type=float, default=0.02,
-                   help="the memory's theta bound: MQAR's repeated filler token makes larger steps diverge at chunk 8 "
-                        "(see titans_memory's docstring)")
+    p.add_argument("--max-lr", type=float, default=0.01,
+                   help="the memory's theta bound (its step size on ||M(k) - v||^2): MQAR's repeated filler token makes "
+                        "larger steps diverge at chunk 8 (see titans_memory's docstring)")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--verbose", action="store_true", help="print each run's training log (loss every steps / 10)")
     args = p.parse_args(argv)
     if args.smoke:
         args.steps, args.pairs, args.seq_len, args.window, args.chunk = 2, 2, 24, 4, 4
@@ -110,7 +111,7 @@ def main(argv=None) -> list[dict]:
         started = time.time()
         model = LanguageModel(model_config(plan, vocab, args.seq_len, args.d_model), rngs=nnx.Rngs(args.seed))
         trainer = Trainer(model, training, ArrayDataset(splits, vocab), Path(tempfile.mkdtemp(prefix="run-", dir=out)),
-                          progress=False, echo=lambda _: None)
+                          progress=False, echo=print if args.verbose else (lambda _: None))
         try:
             val_loss = trainer.run().val_loss
             scores = recall_by_distance(trainer.model, *splits["val"], args.pairs, reach)

@@ -34,19 +34,21 @@ def mlp(weights, x):
     return x
 
 
-def reference_memory(weights0, q, k, v, theta, eta, alpha, chunk):
-    """Per sequence and head, one token at a time: u_t = grad of 1/2 ||M(k_t) - v_t||^2 at the weights of the chunk's
-    start (jax.grad), S_t = eta_t S_{t-1} - theta_t u_t, M_t = (1 - alpha_t) M_{t-1} + S_t, y_t = M_t(q_t).
+def reference_memory(weights0, q, k, v, theta, eta, alpha, chunk, read_after=False):
+    """Per sequence and head, one token at a time: y_t = M_{t-1}(q_t) (the memory before token t's update; M_t(q_t)
+    with read_after), u_t = grad of ||M(k_t) - v_t||^2 at the weights of the chunk's start (jax.grad),
+    S_t = eta_t S_{t-1} - theta_t u_t, M_t = (1 - alpha_t) M_{t-1} + S_t.
     q, k, v [B, T, H, E]; gates [B, T, H] (eta None: no momentum)."""
     def one_head(w0, q, k, v, theta, eta, alpha):
         def step(carry, xs):
             start, weights, momentum = carry
             t, q_t, k_t, v_t, theta_t, eta_t, alpha_t = xs
             start = jax.lax.cond(t % chunk == 0, lambda: weights, lambda: start)
-            grads = jax.grad(lambda w: 0.5 * jnp.sum((mlp(w, k_t) - v_t) ** 2))(start)
+            read_before = mlp(weights, q_t)
+            grads = jax.grad(lambda w: jnp.sum((mlp(w, k_t) - v_t) ** 2))(start)
             momentum = [eta_t * s - theta_t * g for s, g in zip(momentum, grads)]
             weights = [(1 - alpha_t) * w + s for w, s in zip(weights, momentum)]
-            return (start, weights, momentum), mlp(weights, q_t)
+            return (start, weights, momentum), mlp(weights, q_t) if read_after else read_before
 
         xs = (jnp.arange(q.shape[0]), q, k, v, theta, eta, alpha)
         return jax.lax.scan(step, (w0, w0, [jnp.zeros_like(w) for w in w0]), xs)[1]
@@ -67,43 +69,77 @@ def random_memory_problem(seed, depth, momentum=True):
 
     weights0 = [normal(H, p, q, scale=p**-0.5) for p, q in memory_layer_widths(E, depth, 2)]
     q, k, v = unit(normal(B, T, H, E)), unit(normal(B, T, H, E)), normal(B, T, H, E)
-    theta = jnp.asarray(rng.uniform(0.05, 0.5, (B, T, H)), jnp.float32)
+    theta = jnp.asarray(rng.uniform(0.025, 0.25, (B, T, H)), jnp.float32)
     eta = jnp.asarray(rng.uniform(0.3, 0.8, (B, T, H)), jnp.float32) if momentum else None
     alpha = jnp.asarray(rng.uniform(0.0, 0.2, (B, T, H)), jnp.float32)
     return weights0, q, k, v, theta, eta, alpha
 
 
 def chunked_memory(weights0, q, k, v, theta, eta, alpha, chunk, use_kernel=False, implementation="xla",
-                   lengths=None):
+                   lengths=None, **read):
     weights = tuple(jnp.broadcast_to(w, (B, *w.shape)) for w in weights0)
     state = MemoryState(weights, weights, tuple(jnp.zeros_like(w) for w in weights) if eta is not None else ())
     gates = Gates(theta, None if eta is None else jnp.log(eta), jnp.log1p(-alpha))
     return scan_memory(state, q, k, v, gates, lengths, chunk=chunk, track_start=lengths is not None,
-                       implementation=implementation, use_kernel=use_kernel)
+                       implementation=implementation, use_kernel=use_kernel, **read)
 
 
-@pytest.mark.parametrize("depth, momentum, chunks", [
-    (2, True, (1, 4)),  # the recurrence itself; 4 does not divide T = 13
-    (1, False, (5,)),
-    pytest.param(3, True, (3, T + 3), marks=pytest.mark.slow),  # one chunk longer than T
+@pytest.mark.parametrize("depth, momentum, chunks, read_after", [
+    (2, True, (1, 4), False),  # the recurrence itself (the default read); 4 does not divide T = 13
+    (2, True, (4,), True),
+    (1, False, (5,), False),
+    pytest.param(3, True, (3, T + 3), False, marks=pytest.mark.slow),  # one chunk longer than T
 ])
-def test_chunked_memory_matches_token_by_token_recurrence(depth, momentum, chunks):
+def test_chunked_memory_matches_token_by_token_recurrence(depth, momentum, chunks, read_after):
     problem = random_memory_problem(depth, depth, momentum)
+    read = {"read_after": True} if read_after else {}  # the default reads before the update
     for chunk in chunks:
-        expected = reference_memory(*problem, chunk)
-        y, _ = chunked_memory(*problem, chunk)
+        expected = reference_memory(*problem, chunk, read_after=read_after)
+        y, _ = chunked_memory(*problem, chunk, **read)
         np.testing.assert_allclose(y, expected, rtol=2e-4, atol=2e-5, err_msg=f"chunk_size={chunk}")
+
+
+def test_a_token_cannot_read_its_own_value():
+    """The leak, closed: y_t reads the memory before token t is written, so changing v_t leaves y_0..y_t as they
+    were and changes y_{t+1}; reading after the update (read_after), y_t moves with v_t."""
+    weights0, q, k, v, theta, eta, alpha = random_memory_problem(5, 2)
+    t, chunk = 5, 4  # t inside the second chunk
+
+    @jax.jit
+    def reads(values):  # (before, after the update)
+        return tuple(chunked_memory(weights0, q, k, values, theta, eta, alpha, chunk, **read)[0]
+                     for read in ({}, {"read_after": True}))
+
+    (before, after), (before_changed, after_changed) = reads(v), reads(v.at[:, t].add(1.0))
+    np.testing.assert_array_equal(before_changed[:, :t + 1], before[:, :t + 1])
+    assert float(jnp.abs(before_changed[:, t + 1] - before[:, t + 1]).max()) > 1e-3
+    assert float(jnp.abs(after_changed[:, t] - after[:, t]).max()) > 1e-3
+
+
+def test_theta_is_the_step_size_on_the_squared_error():
+    """One token into a matrix memory without momentum or decay: W_1 = W_0 - theta grad ||k W_0 - v||^2
+    = W_0 - 2 theta k^T (k W_0 - v), written out (no factor 1/2 in the loss), through both chunk paths."""
+    weights0, q, k, v, theta, _, alpha = random_memory_problem(11, 1, momentum=False)
+    w0 = np.asarray(weights0[0], np.float64)
+    k1, v1, theta1 = (np.asarray(x[:, 0], np.float64) for x in (k, v, theta))
+    expected = w0[None] - 2 * theta1[..., None, None] * np.einsum(
+        "bhp,bhq->bhpq", k1, np.einsum("bhp,hpq->bhq", k1, w0) - v1)
+    for use_kernel in (False, True):
+        _, state = chunked_memory(weights0, q[:, :1], k[:, :1], v[:, :1], theta[:, :1], None, alpha[:, :1] * 0, 1,
+                                  use_kernel=use_kernel)
+        np.testing.assert_allclose(state.weights[0], expected, rtol=1e-5, atol=1e-6, err_msg=f"kernel={use_kernel}")
 
 
 def test_chunk_size_trades_gradient_freshness_for_parallelism():
     """The paper's trade-off, shown: inside a chunk every gradient is taken at the chunk's start weights, so outputs
-    agree with the fully recurrent memory (chunk 1) only up to the first token after a chunk start, and the memory
-    fits the sequence's own pairs worse as chunks grow (staler gradients); the gap is reported, not hidden."""
+    agree with the fully recurrent memory (chunk 1) only while the memory holds no more than the chunk's first token,
+    and the memory fits the sequence's own pairs worse as chunks grow (staler gradients); the gap is reported, not
+    hidden."""
     weights0, q, k, v, theta, eta, alpha = random_memory_problem(7, 2)
     y = {chunk: chunked_memory(weights0, q, k, v, theta, eta, alpha, chunk)[0] for chunk in (1, 4, 13)}
-    for chunk in (4, 13):  # token 0 of the sequence sees M_0's gradient either way; later tokens do not
-        np.testing.assert_allclose(y[chunk][:, 0], y[1][:, 0], rtol=1e-5, atol=1e-6)
-        assert float(jnp.abs(y[chunk][:, 1:] - y[1][:, 1:]).max()) > 1e-2
+    for chunk in (4, 13):  # y_0 reads M_0 and y_1 holds token 0's gradient at M_0 either way; later reads differ
+        np.testing.assert_allclose(y[chunk][:, :2], y[1][:, :2], rtol=1e-5, atol=1e-6)
+        assert float(jnp.abs(y[chunk][:, 2:] - y[1][:, 2:]).max()) > 1e-2
 
     def fit_loss(chunk):  # how well the final memory maps the sequence's keys to its values
         _, state = chunked_memory(weights0, k, k, v, theta, None, alpha * 0, chunk)
@@ -165,6 +201,25 @@ def test_mag_attention_is_a_window_plus_persistent_prefix():
     visible = (s < 0) | ((s <= t) & (s > t - 3))
     o = jnp.einsum("bhts,bshe->bthe", jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), -1), v_all)
     np.testing.assert_allclose(got, attn.output(o), rtol=1e-5, atol=1e-6)
+
+
+def test_mag_memory_reads_the_persistent_tokens_first():
+    """MAG's two branches both run over [p || x] (Eqs. 26-28): the mixer equals its gate over the window attention
+    and the memory run over the explicit concatenation, p's rows dropped, so token 0 already reads a memory that
+    holds p (chunks of 4 counted from p's first row)."""
+    mixer = build_mixer("titans_mag(window=3,n_persistent=2,chunk_size=4,memory_depth=1)")
+    b, t, n_p = 2, 9, 2
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(b, t, 32)), jnp.float32)
+
+    def explicit(mixer, x):
+        y, _ = mixer.attend(x, ForwardContext("full", positions(b, t)), None)
+        x_tilde = jnp.concatenate([jnp.broadcast_to(mixer.persistent[...], (b, n_p, 32)), x], axis=1)
+        memory = mixer.memory(x_tilde, ForwardContext("full", positions(b, n_p + t))).y_BTD[:, n_p:]
+        return mixer.combine(y, memory)
+
+    got, expected = nnx.jit(lambda mixer, x: (mixer(x, ForwardContext("full", positions(b, t))).y_BTD,
+                                              explicit(mixer, x)))(mixer, x)  # one compile
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow

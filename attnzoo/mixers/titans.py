@@ -6,16 +6,17 @@ persistent memory (Eq. 19) is N_p learned, input-independent tokens p = [p_1 .. 
 query may attend to. Softmax attention runs through `attnzoo.attention` (the model's flash / decode kernels) with the
 GQA projections of `attnzoo.mixers.gqa`.
 
-MAG, "titans_mag" (Eqs. 26-28): the memory runs over the layer input x, beside sliding-window attention over
-[p || x] where p stays visible to every query (Fig. 3b):
+MAG, "titans_mag" (Eqs. 26-28): both branches run over x~ = [p || x], the persistent tokens prepended to the layer
+input: sliding-window attention where p stays visible to every query (Fig. 3b), and the memory:
 
-    y = SW-Attn*([p || x])        a window of `window` tokens plus the persistent prefix (two softmax parts merged
+    y = SW-Attn*(x~)              a window of `window` tokens plus the persistent prefix (two softmax parts merged
                                   by their log-sum-exp; decode attends to [p; the window's cache rows])
-    o = W_o (RMSNorm(y) * sigmoid(RMSNorm(M(x))))      the gate "normalize y and M(x) using learnable vector-valued
+    o = W_o (RMSNorm(y) * sigmoid(RMSNorm(M(x~))))     the gate "normalize y and M(x~) using learnable vector-valued
                                                         weights, followed by a non-linearity"
 
-The persistent tokens are not fed to the memory: their update is input-independent, which the learned initial
-weights M_0 already are.
+The memory writes p's N_p rows (through its conv, gates and update) before the sequence's first token and reads
+before each token's update (titans_memory's default), so token 0 already reads a memory that holds p; only x's rows
+are read out. The memory's chunks count p's rows (a chunk boundary falls after N_p + j b tokens).
 
 MAC, "titans_mac" (Eqs. 21-25): the sequence is cut into segments of `chunk_size` tokens (the memory's chunk, so the
 memory is updated once per segment, from the segment's attention outputs). For segment S^(i) with queries
@@ -28,6 +29,10 @@ q = x W_Q of the memory:
     M_i = update of M_{i-1} with keys / values / gates from y          (Eq. 24)
     o_t = W_o (RMSNorm(y_t) * sigmoid(RMSNorm(M_t(y_t))))              (Eq. 25; M_t: the memory after token t)
 
+Eq. 25 reads the memory after the segment's update (M*_t after Eq. 24's M_t); token by token the causal form of
+that is M_t, the memory with token t's own pair written, so MAC defaults to read_after_update=true
+(read_after_update=false reads M_{t-1} instead). The retrieval h reads the segment's start weights either way.
+
 The memory's q / k / v conv acts on x (the retrieval queries); the update's keys and values and the output query come
 from y without a conv (the segment's attention already mixes neighbouring tokens). A sequence that is not a multiple
 of chunk_size ends with a padded, partial segment, so no length restriction applies. Segments depend on each other
@@ -39,13 +44,13 @@ MAL (Eqs. 29-31; "memory as a layer", the memory before sliding-window attention
 "lmm[mlp=none],gqa(window=64)" (repeat the pair for depth), with the persistent tokens left out (the memory's learned
 M_0 stands in for them; a SWA layer has no prefix). The LMM alone is "lmm".
 
-FLOPs per token (2 per multiply-add; norms, gates' sigmoids and the persistent tokens' projections, made once per
-sequence, not counted). MAG: the memory's (`lmm`) + the GQA layer's with the window + 4 H E N_p (the prefix) +
-2 D^2 (W_o). MAC, with n = N_p + 2 b the segment's attention length and b = min(chunk_size, seq_len): the memory's
-projections and chunked update (`lmm`'s count, its conv over the q channels only) + 2 D H E (the extra q projection
-of y) + 2 H |M| (h = M(q)) + 2 D H E + 2 H E D (h's read-out gate and o_proj) + n / b (2 D E (H + 2 K) + 4 H E
-avg_ctx(n)) (attention projections and scores for the segment's n positions) + 2 H E D (the attention's o_proj on
-x) + 2 D^2 (W_o).
+FLOPs per token (2 per multiply-add; norms, gates' sigmoids, the persistent tokens' projections and MAG's memory
+steps over them, made once per sequence, not counted). MAG: the memory's (`lmm`) + the GQA layer's with the window +
+4 H E N_p (the prefix) + 2 D^2 (W_o). MAC, with n = N_p + 2 b the segment's attention length and b = min(chunk_size,
+seq_len): the memory's projections and chunked update (`lmm`'s count, its conv over the q channels only) + 2 D H E
+(the extra q projection of y) + 2 H |M| (h = M(q)) + 2 D H E + 2 H E D (h's read-out gate and o_proj) + n / b (2 D E
+(H + 2 K) + 4 H E avg_ctx(n)) (attention projections and scores for the segment's n positions) + 2 H E D (the
+attention's o_proj on x) + 2 D^2 (W_o).
 """
 
 from __future__ import annotations
@@ -62,8 +67,8 @@ from attnzoo.layers import RMSNorm, dense
 from attnzoo.mixers.base import ForwardContext, Mixer, MixerOutput, SharedParams, Supports, average_context
 from attnzoo.mixers.gqa import GQAOptions, GQAttention, KVCache
 from attnzoo.mixers.titans_memory import (Gates, LongTermMemory, MemoryState, NeuralMemory, TitansMemoryCache,
-                                          TitansMemoryOptions, compiled_forward, from_chunks, memory_step, mlp_apply,
-                                          next_start, to_chunks, token_index, valid_per_chunk)
+                                          TitansMemoryOptions, compiled_forward, from_chunks, mlp_apply, next_start,
+                                          to_chunks, token_index, valid_per_chunk)
 from attnzoo.registry import register
 
 KERNEL_OPS = ("flash_attention", "decode_attention", "chunked_linear_attention")
@@ -93,9 +98,11 @@ class TitansMAGOptions(TitansMemoryOptions):
 
 @dataclasses.dataclass(frozen=True)
 class TitansMACOptions(TitansMemoryOptions):
-    """The memory's options (titans_memory.TitansMemoryOptions; chunk_size is also the attention segment), plus
-    n_persistent: N_p persistent memory tokens (0: none); rope: rotary positions in the segment attention."""
+    """The memory's options (titans_memory.TitansMemoryOptions; chunk_size is also the attention segment;
+    read_after_update defaults to true, Eq. 25's output gate), plus n_persistent: N_p persistent memory tokens
+    (0: none); rope: rotary positions in the segment attention."""
 
+    read_after_update: bool = True
     n_persistent: int = 4
     rope: bool = True
 
@@ -212,7 +219,8 @@ class TitansMAG(Mixer):
 
     @compiled_forward
     def __call__(self, x_BTD, ctx: ForwardContext, cache: TitansMAGCache | None = None) -> MixerOutput:
-        memory = self.memory(x_BTD, ctx, None if cache is None else cache.memory)
+        prefix_PD = None if self.persistent is None else self.persistent[...]
+        memory = self.memory.forward(x_BTD, ctx, None if cache is None else cache.memory, prefix_PD)
         y_BTD, kv = self.attend(x_BTD, ctx, None if cache is None else cache.kv)
         if ctx.mode != "full":
             cache = TitansMAGCache(memory.cache, kv)
@@ -318,7 +326,7 @@ class TitansMAC(Mixer):
         y_B1D = attn.output(o_B1HE)
         q_m, k_m, v_m, gates = self.memory_inputs(y_B1D)
         gates = Gates(*(None if g is None else g[:, 0] for g in gates))
-        m_BHE, state = memory_step(state, q_m[:, 0], k_m[:, 0], v_m[:, 0], gates, (pos_B + 1) % c == 0)
+        m_BHE, state = self.memory.step(state, q_m[:, 0], k_m[:, 0], v_m[:, 0], gates, (pos_B + 1) % c == 0)
         o_B1D = self.combine(y_B1D, self.memory.read_out(m_BHE[:, None], y_B1D))
         return (state, segment), o_B1D[:, 0]
 
@@ -350,7 +358,8 @@ class TitansMAC(Mixer):
                 segment_B = jnp.minimum(lengths_B // c, k_NB2KE.shape[0] - 1)
                 segment = KVCache(k_NB2KE[segment_B, jnp.arange(b)], v_NB2KE[segment_B, jnp.arange(b)])
         if ctx.mode != "full":
-            cache = TitansMACCache(TitansMemoryCache(state, memory.conv_tail(rows_BSC, cache.memory, ctx)),
+            conv_BWC = memory.conv_tail(rows_BSC, cache.memory, None if decode else ctx.lengths_B)
+            cache = TitansMACCache(TitansMemoryCache(state, conv_BWC),
                                    KVCache(segment.k_BSKE.astype(cache.segment.k_BSKE.dtype),
                                            segment.v_BSKE.astype(cache.segment.v_BSKE.dtype)))
         return MixerOutput(o_BTD, cache)

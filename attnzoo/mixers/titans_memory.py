@@ -3,13 +3,17 @@
 Behrouz, Zhong & Mirrokni, "Titans: Learning to Memorize at Test Time", arXiv 2501.00663 (sections 3.1, 3.2, 4.4).
 Per head h (H heads of width E), with q_t, k_t, v_t the head's query / key / value of token t:
 
-    loss        l(M; k, v) = 1/2 ||M(k) - v||^2           (Eq. 12 up to the factor 1/2: App. C's form, so theta
-                                                            is the delta rule's step size)
+    loss        l(M; k, v) = ||M(k) - v||^2                                     (Eq. 12; theta is the step size)
     surprise    S_t = eta_t S_{t-1} - theta_t grad l(M_{t'}; k_t, v_t)          (Eqs. 13-14, momentum)
     forgetting  M_t = (1 - alpha_t) M_{t-1} + S_t                               (weight decay)
-    retrieval   y_t = M_t(q_t)                                                   (Eq. 15, no update)
+    retrieval   y_t = M_{t-1}(q_t)                                               (Eq. 15, no update)
     gates       theta_t = max_lr sigmoid(x_t w_theta + b), eta_t = sigmoid(x_t w_eta + b),
                 alpha_t = sigmoid(x_t w_alpha + b)       (data-dependent, per token and head)
+
+Eq. 15 writes y_t = M*(q_t) without a time index; like MAC's h_t = M*_{t-1}(q_t) (Eq. 21), retrieval reads the
+memory before the token's own update, so a token cannot look its own value up through the memory: y_t depends on
+(k_s, v_s) for s < t only. `read_after_update=true` reads M_t(q_t) instead (the token's own pair already written),
+an option for comparison (and MAC's output gate, Eq. 25, which reads the memory after the update: see titans.py).
 
 M is an MLP of `memory_depth` L >= 1 layers without biases: widths E -> E x = E * memory_expansion -> ... -> E, GELU
 between layers (L = 1: the matrix memory M(k) = k W). The initial weights M_0 are learned per head; S_0 = 0.
@@ -25,28 +29,34 @@ with chunk-local cumulative log-gates (LA_t = sum_{r<=t} log(1 - alpha_r), LE_t 
     gamma = D_A D_E,  D_A[t,j] = e^{LA_t - LA_j} (j <= t),  D_E[j,s] = e^{LE_j - LE_s} (s <= j),  B = D_A e^{LE}
     S_t = e^{LE_t} S - sum_{s<=t} D_E[t,s] theta_s u_s
 
-(every exponent a difference of chunk-local sums, masked to <= 0 before exp). Token-level outputs y_t = M_t(q_t) use
-the dual form of TTT (Sun et al., arXiv 2407.04620) extended with these coefficients: layer by layer, with h the
-query's hidden state under M_t and a_s, delta_s the layer input and output-gradient of key s under W,
+(every exponent a difference of chunk-local sums, masked to <= 0 before exp). Outputs are token-level: token t reads
+M_{t-1}, the state after every token before it, those of its own chunk included (their gradients taken at W, as the
+paper's mini-batch form defines M_{t-1}); token 0 of a chunk reads W, the state after the previous chunk. So the
+chunk size changes the gradient points, never which tokens a read sees. M_t(q) for every position t of a chunk
+comes from the dual form of TTT (Sun et al., arXiv 2407.04620) extended with these coefficients: layer by layer,
+with h the query's hidden state under M_t and a_s, delta_s the layer input and output-gradient of key s under W,
 
     z_t = e^{LA_t} h_t W + B_t h_t S - sum_{s<=t} gamma_ts theta_s (h_t . a_s) delta_s
 
-which is exact (the tests compare it with the token-by-token recurrence). A `lax.scan` carries (M, S) from chunk
-to chunk. chunk_size = 1 is the fully recurrent memory; larger chunks trade the freshness of the gradient point for
+which is exact (the tests compare it with the token-by-token recurrence); the read before the update is the same
+form with position t - 1 fed token t's query (y_0 = W(q_0)). A `lax.scan` carries (M, S) from chunk to chunk.
+chunk_size = 1 is the fully recurrent memory; larger chunks trade the freshness of the gradient point for
 parallelism (the paper's trade-off: outputs change with b, see tests/test_mixer_titans.py).
 
 Stability, the other side of the chunk trade-off. Inside a chunk the gradients are stale (all at W), and the momentum
 S carried into the next chunk is added to M at each of its b tokens before any new gradient can correct it, so a
 key repeated through a chunk (a filler or padding token) is stepped on roughly b / (1 - eta) times as hard as in the
-recurrent form. Measured at init (E = 16, depth 2, MQAR with its repeated filler token, 64-512 tokens): theta = 0.01
-stays bounded at b = 8, theta = 0.03 diverges at b = 8, and b = 64 with momentum diverges even at theta = 0.003,
-while E = 64 heads stay bounded at theta = 0.01 for b = 8 and 64. Hence max_lr = 0.1 by default (theta starts at
-0.1 max_lr, eta at 0.5); keep theta * b small, or turn momentum off for long chunks.
+recurrent form. Measured at init (E = 16, depth 2, MQAR with its repeated filler token, 64-512 tokens): theta = 0.005
+stays bounded at b = 8, theta = 0.015 diverges at b = 8, and b = 64 with momentum diverges even at theta = 0.0015,
+while E = 64 heads stay bounded at theta = 0.005 for b = 8 and 64. Hence max_lr = 0.05 by default (theta starts at
+0.1 max_lr = 0.005, eta at 0.5); keep theta * b small, or turn momentum off for long chunks. Training moves the
+gates toward that edge: on MQAR (E = 16, b = 8) the outer loss raised theta to 0.034 of max_lr 0.05 and eta to 0.94
+in MAC's first layer at step 327, where its memory diverged inside some sequences (weights 1e19 by the 7th chunk).
 
 Linear memory through the shared kernel: with L = 1 and momentum off (momentum=false), a chunk is
-M_t = (1 - alpha_t) M_{t-1} - theta_t k_t^T (k_t W - v_t), i.e. `pallas_kernels.chunked_linear_attention` over the
-chunk with initial state W, values -theta (k W - v) and log-decay log(1 - alpha): that case runs through the op (the
-model's "chunked_linear_attention" implementation, one call per chunk inside the scan). With momentum the
+M_t = (1 - alpha_t) M_{t-1} - 2 theta_t k_t^T (k_t W - v_t), i.e. `pallas_kernels.chunked_linear_attention` over
+the chunk with initial state W, values -2 theta (k W - v) and log-decay log(1 - alpha): that case runs through the op
+(the model's "chunked_linear_attention" implementation, one call per chunk inside the scan). With momentum the
 recurrence has two gates (a second-order, 2-semiseparable recurrence) and the op's single decay per head cannot
 express it; deeper memories have a non-linear inner gradient. Both run the pure-JAX chunk above: no Pallas kernel for
 the deep memory until a GPU measurement shows one pays off (KERNEL_NOTES.md, "Titans memory", has what was measured).
@@ -62,8 +72,9 @@ forward + backward = 3.0x the forward at b = 16, 4.3x at b = 64; `experiments/be
 Decode (`TitansMemoryCache`): the recurrent form, one token at a time, with the state (start = W, the chunk-start
 weights where the gradients are taken; weights = M_t; momentum = S_t; float32, per head) and the conv history:
 
+    y_t = M_{t-1}(q_t)  (M_t(q_t) with read_after_update)
     u_t = grad l(start; k_t, v_t);  S_t = eta_t S_{t-1} - theta_t u_t;  M_t = (1 - alpha_t) M_{t-1} + S_t
-    y_t = M_t(q_t);  start <- M_t when t + 1 is a multiple of chunk_size
+    start <- M_t when t + 1 is a multiple of chunk_size
 
 so the decode equals the chunked forward at the chunk size the model was built with (1 included) at O(|M|) per
 token and a constant-size state (`cache_bytes_per_token() == 0`). A prefill of right-padded prompts stops each
@@ -76,6 +87,7 @@ size per head (layer l maps P_l -> Q_l), |M_1| its first layer, b = min(chunk_si
     memory, per head: 2|M| (key forward) + 2(|M| - |M_1|) (key backward) + 2|M| (h W) + 2 b sum_l (P_l + Q_l)
                       (intra-chunk scores and their product with delta) + 2|M| (fold into W)
                       + with momentum: 2|M| (h S) + 2|M| (fold into S) + 2 b^2 + 2 b (gamma = D_A D_E, B)
+                      (not counted: the read of each chunk's first token at W, 2|M| per chunk)
 
 Extra shape letters: P, Q a memory layer's input and output widths; T, S query and key positions inside a chunk;
 N chunks; W conv history rows (d_conv - 1); C conv channels.
@@ -110,10 +122,11 @@ class TitansMemoryOptions:
     memory MLP (1: a matrix memory). memory_expansion: hidden width E * memory_expansion of a deep memory.
     chunk_size: b, tokens whose gradients share the chunk's starting weights (1: fully recurrent); decode equals the
     full forward at this b. momentum: the surprise momentum S (false: eta = 0, S_t = -theta u_t). weight_decay: the
-    forget gate alpha (false: alpha = 0). max_lr: theta's upper bound (0.1: lucidrains' train_mac value; larger
-    steps with long chunks diverge, see the module docstring). d_conv: taps of the causal depthwise conv after
-    the q/k/v projections (none: no conv). The paper's ablations (Table 5) are memory_depth=1, d_conv=none,
-    momentum=false, weight_decay=false."""
+    forget gate alpha (false: alpha = 0). max_lr: theta's upper bound, the step size on ||M(k) - v||^2 (the paper
+    gives none; larger steps with long chunks diverge, see the module docstring). d_conv: taps of the causal
+    depthwise conv after the q/k/v projections (none: no conv). read_after_update: token t reads M_t, the memory
+    with its own pair written (false, the default: M_{t-1}, the memory before its update). The paper's ablations
+    (Table 5) are memory_depth=1, d_conv=none, momentum=false, weight_decay=false."""
 
     n_heads: int | None = None
     head_dim: int | None = None
@@ -122,8 +135,9 @@ class TitansMemoryOptions:
     chunk_size: int = 16
     momentum: bool = True
     weight_decay: bool = True
-    max_lr: float = 0.1
+    max_lr: float = 0.05
     d_conv: int | None = 4
+    read_after_update: bool = False
 
     def __post_init__(self):
         for name in ("n_heads", "head_dim", "d_conv"):
@@ -200,7 +214,7 @@ def mlp_apply(weights, x_BTHP):
 
 
 def key_factors(weights, k_BSHP, v_BSHQ) -> KeyFactors:
-    """The per-token gradient of 1/2 ||M(k_s) - v_s||^2 at `weights`, by a hand-written backward: layer inputs and
+    """The per-token gradient of ||M(k_s) - v_s||^2 at `weights`, by a hand-written backward: layer inputs and
     output-gradients (the outer autodiff differentiates through this, the second-order part of training)."""
     inputs, slopes, h = [], [], k_BSHP
     for i, w in enumerate(weights):
@@ -209,7 +223,7 @@ def key_factors(weights, k_BSHP, v_BSHQ) -> KeyFactors:
         if i < len(weights) - 1:
             h, slope = gelu_and_slope(h)
             slopes.append(slope)
-    deltas = [h - v_BSHQ]
+    deltas = [2 * (h - v_BSHQ)]
     for i in range(len(weights) - 1, 0, -1):
         deltas.insert(0, jnp.einsum("bshq,bhpq->bshp", deltas[0], weights[i]) * slopes[i - 1])
     return KeyFactors(inputs, deltas)
@@ -272,25 +286,34 @@ def fold_chunk(weights, momentum, factors: KeyFactors, coeff: ChunkCoefficients,
             tuple(jnp.where(keep_B1111, new, old) for new, old in zip(new_momentum, momentum)))
 
 
-def memory_chunk(weights, momentum, q_BTHP, k_BTHP, v_BTHQ, gates: Gates, n_valid_B, *, implementation="auto",
-                 use_kernel: bool = True):
-    """One chunk: (y_t = M_t(q_t) for its positions, M and S after its first n_valid_B tokens). A linear memory
-    without momentum goes through `pallas_kernels.chunked_linear_attention` (unless use_kernel=False)."""
+def memory_chunk(weights, momentum, q_BTHP, k_BTHP, v_BTHQ, gates: Gates, n_valid_B, *, read_after: bool = False,
+                 implementation="auto", use_kernel: bool = True):
+    """One chunk: (y_t = M_{t-1}(q_t) for its positions, or M_t(q_t) with read_after; M and S after its first
+    n_valid_B tokens). A linear memory without momentum goes through `pallas_kernels.chunked_linear_attention`
+    (unless use_kernel=False)."""
+    # Both forms compute M_t(.) at row t; reading before the update, row t - 1 takes token t's query.
+    q_read_BTHP = q_BTHP if read_after else jnp.pad(q_BTHP[:, 1:], ((0, 0), (0, 1), (0, 0), (0, 0)))
     if use_kernel and len(weights) == 1 and gates.log_eta is None:
         (w,) = weights
-        delta_BTHQ = jnp.einsum("bthp,bhpq->bthq", k_BTHP, w) - v_BTHQ
-        y_BTHQ, w = pallas_kernels.chunked_linear_attention(
-            q_BTHP, k_BTHP, -gates.theta[..., None] * delta_BTHQ, gates.log_keep, initial_state_BHEF=w,
+        delta_BTHQ = 2 * (jnp.einsum("bthp,bhpq->bthq", k_BTHP, w) - v_BTHQ)
+        y_BTHQ, new_w = pallas_kernels.chunked_linear_attention(
+            q_read_BTHP, k_BTHP, -gates.theta[..., None] * delta_BTHQ, gates.log_keep, initial_state_BHEF=w,
             lengths_B=n_valid_B, chunk_size=q_BTHP.shape[1], return_final_state=True, implementation=implementation)
-        return y_BTHQ, (w,), ()
-    factors = key_factors(weights, k_BTHP, v_BTHQ)
-    coeff = chunk_coefficients(gates)
-    y_BTHQ = retrieve_in_chunk(weights, momentum, factors, coeff, q_BTHP)
-    return (y_BTHQ, *fold_chunk(weights, momentum, factors, coeff, n_valid_B))
+        new_weights, new_momentum = (new_w,), ()
+    else:
+        factors = key_factors(weights, k_BTHP, v_BTHQ)
+        coeff = chunk_coefficients(gates)
+        y_BTHQ = retrieve_in_chunk(weights, momentum, factors, coeff, q_read_BTHP)
+        new_weights, new_momentum = fold_chunk(weights, momentum, factors, coeff, n_valid_B)
+    if not read_after:  # token 0 reads the chunk's start weights
+        y_BTHQ = jnp.concatenate([mlp_apply(weights, q_BTHP[:, :1]), y_BTHQ[:, :-1]], axis=1)
+    return y_BTHQ, new_weights, new_momentum
 
 
-def memory_step(state: MemoryState, q_BHP, k_BHP, v_BHQ, gates: Gates, chunk_end_B) -> tuple:
-    """The recurrent form for one token per sequence (decode): (y [B, H, Q], the next state). gates hold [B, H]."""
+def memory_step(state: MemoryState, q_BHP, k_BHP, v_BHQ, gates: Gates, chunk_end_B, *, read_after: bool = False
+                ) -> tuple:
+    """The recurrent form for one token per sequence (decode): (y [B, H, Q], the next state), y read from the
+    weights before the token's update (after it with read_after). gates hold [B, H]."""
     factors = key_factors(state.start, k_BHP[:, None], v_BHQ[:, None])
     updates = [jnp.einsum("bhp,bhq->bhpq", a[:, 0], d[:, 0]) for a, d in zip(factors.inputs, factors.deltas)]
     theta, keep = gates.theta[..., None, None], jnp.exp(gates.log_keep)[..., None, None]
@@ -302,7 +325,8 @@ def memory_step(state: MemoryState, q_BHP, k_BHP, v_BHQ, gates: Gates, chunk_end
         momentum = tuple(eta * s - theta * u for s, u in zip(state.momentum, updates))
         weights = tuple(keep * w + s for w, s in zip(state.weights, momentum))
     start = tuple(jnp.where(chunk_end_B[:, None, None, None], w, s) for w, s in zip(weights, state.start))
-    return mlp_apply(weights, q_BHP[:, None])[:, 0], MemoryState(start, weights, momentum)
+    y_BHQ = mlp_apply(weights if read_after else state.weights, q_BHP[:, None])[:, 0]
+    return y_BHQ, MemoryState(start, weights, momentum)
 
 
 def memory_layer_widths(head_dim: int, depth: int, expansion: int) -> list[tuple[int, int]]:
@@ -355,7 +379,7 @@ def next_start(previous, chunk_start, folded, n_valid_B, chunk: int):
 
 
 def scan_memory(state: MemoryState, q_BTHE, k_BTHE, v_BTHE, gates: Gates, lengths_B, *, chunk: int,
-                track_start: bool, implementation, use_kernel: bool):
+                track_start: bool, implementation, use_kernel: bool, read_after: bool = False):
     """`NeuralMemory.scan`: a `lax.scan` over chunks, each rematerialised in the backward pass."""
     b, t = q_BTHE.shape[:2]
     xs = tuple(to_chunks(x, chunk) for x in (q_BTHE, k_BTHE, v_BTHE)) + (
@@ -366,7 +390,7 @@ def scan_memory(state: MemoryState, q_BTHE, k_BTHE, v_BTHE, gates: Gates, length
     def body(carry, chunk_xs):
         start, weights, momentum = carry
         (q, k, v, gates), n_valid_B = chunk_xs
-        y, new_weights, new_momentum = memory_chunk(weights, momentum, q, k, v, gates, n_valid_B,
+        y, new_weights, new_momentum = memory_chunk(weights, momentum, q, k, v, gates, n_valid_B, read_after=read_after,
                                                     implementation=implementation, use_kernel=use_kernel)
         if track_start:
             start = next_start(start, weights, new_weights, n_valid_B, chunk)
@@ -383,11 +407,12 @@ def token_index(ctx: ForwardContext, t: int):
     return ctx.lengths_B[:, None] + jnp.arange(t)[None, :]
 
 
-def decode_memory(state: MemoryState, q_BTHE, k_BTHE, v_BTHE, gates: Gates, index_BT, *, chunk: int):
+def decode_memory(state: MemoryState, q_BTHE, k_BTHE, v_BTHE, gates: Gates, index_BT, *, chunk: int,
+                  read_after: bool = False):
     """`NeuralMemory.decode`: the recurrent step over the T new tokens of each sequence at token indices index_BT."""
     def step(state, xs):
         q, k, v, gates, pos_B = xs
-        y, state = memory_step(state, q, k, v, gates, (pos_B + 1) % chunk == 0)
+        y, state = memory_step(state, q, k, v, gates, (pos_B + 1) % chunk == 0, read_after=read_after)
         return state, y
 
     xs = tuple(jnp.swapaxes(x, 0, 1) for x in (q_BTHE, k_BTHE, v_BTHE)) + (
@@ -428,6 +453,7 @@ class NeuralMemory(nnx.Module):
         self.head_dim = options.head_dim or config.dim_per_head
         self.chunk_size, self.momentum, self.max_lr = options.chunk_size, options.momentum, options.max_lr
         self.weight_decay, self.conv_keys = options.weight_decay, conv_keys
+        self.read_after_update = options.read_after_update
         self.implementation = config.kernel("chunked_linear_attention")
         self.dtype = jnp.dtype(config.dtype)
         h, e = self.n_heads, self.head_dim
@@ -464,13 +490,13 @@ class NeuralMemory(nnx.Module):
         rows_BSC = jnp.concatenate([history_BWC, raw_BTC], axis=1)
         return jax.nn.silu(self.conv(rows_BSC, raw_BTC.shape[1])), rows_BSC
 
-    def conv_tail(self, rows_BSC, cache: TitansMemoryCache, ctx: ForwardContext):
-        """The conv history a cache keeps after this call: the last d_conv - 1 inputs of each sequence."""
+    def conv_tail(self, rows_BSC, cache: TitansMemoryCache, lengths_B=None):
+        """The conv history a cache keeps after this call: the last d_conv - 1 inputs of each sequence, whose rows
+        after the history are its first lengths_B (a prefill's right-padded prompts; default all)."""
         if self.conv is None:
             return cache.conv_BWC
-        end_B = jnp.full(rows_BSC.shape[:1], rows_BSC.shape[1] - self.d_conv + 1, jnp.int32)
-        if ctx.mode == "prefill":
-            end_B = ctx.lengths_B
+        end_B = (jnp.full(rows_BSC.shape[:1], rows_BSC.shape[1] - self.d_conv + 1, jnp.int32) if lengths_B is None
+                 else lengths_B)
         return rows_before(rows_BSC, end_B, self.d_conv - 1).astype(cache.conv_BWC.dtype)
 
     def heads(self, x_BTC):
@@ -521,18 +547,23 @@ class NeuralMemory(nnx.Module):
 
     def chunk(self, weights, momentum, q_BTHP, k_BTHP, v_BTHQ, gates: Gates, n_valid_B):
         return memory_chunk(weights, momentum, q_BTHP, k_BTHP, v_BTHQ, gates, n_valid_B,
-                            implementation=self.implementation)
+                            read_after=self.read_after_update, implementation=self.implementation)
+
+    def step(self, state: MemoryState, q_BHP, k_BHP, v_BHQ, gates: Gates, chunk_end_B):
+        return memory_step(state, q_BHP, k_BHP, v_BHQ, gates, chunk_end_B, read_after=self.read_after_update)
 
     def scan(self, state: MemoryState, q_BTHE, k_BTHE, v_BTHE, gates: Gates, lengths_B=None,
              track_start: bool = False):
         """The chunked memory over a sequence from `state`: (y [B, T, H, E] float32, final MemoryState). Tokens at
         t >= lengths_B are not folded into the state; `track_start` keeps the start weights for a decode."""
         return scan_memory(state, q_BTHE, k_BTHE, v_BTHE, gates, lengths_B, chunk=self.chunk_size,
-                           track_start=track_start, implementation=self.implementation, use_kernel=True)
+                           track_start=track_start, implementation=self.implementation, use_kernel=True,
+                           read_after=self.read_after_update)
 
     def decode(self, state: MemoryState, q_BTHE, k_BTHE, v_BTHE, gates: Gates, index_BT):
         """The recurrent form over T new tokens per sequence at token indices `index_BT`: (y [B, T, H, E], state)."""
-        return decode_memory(state, q_BTHE, k_BTHE, v_BTHE, gates, index_BT, chunk=self.chunk_size)
+        return decode_memory(state, q_BTHE, k_BTHE, v_BTHE, gates, index_BT, chunk=self.chunk_size,
+                             read_after=self.read_after_update)
 
     def empty_cache(self, batch: int) -> TitansMemoryCache:
         zeros = tuple(jnp.zeros((batch, self.n_heads, p, q), jnp.float32) for p, q in self.widths)
@@ -567,17 +598,31 @@ class LongTermMemory(Mixer):
         if ctx.segment_ids_BT is not None and ctx.mode == "full":
             raise ValueError("lmm: packed documents (segment_ids_BT) are not supported; the memory has no "
                              "per-document reset")
+        return self.forward(x_BTD, ctx, cache)
+
+    def forward(self, x_BTD, ctx: ForwardContext, cache: TitansMemoryCache | None = None,
+                prefix_PD=None) -> MixerOutput:
+        """The memory over x, or over [prefix || x] (MAG's persistent tokens): the N_p prefix rows are written into
+        the memory (and its conv) ahead of every sequence by the full forward and the prefill, their outputs
+        dropped; a decode continues that state (its chunk boundaries count the prefix's rows)."""
         b, t, _ = x_BTD.shape
         memory, decode = self.memory, ctx.mode == "decode"
-        q, k, v, rows_BSC = memory.project_input(x_BTD, memory.conv_history(b, cache, decode))
-        gates = memory.gates(x_BTD)
+        n_p = 0 if prefix_PD is None else prefix_PD.shape[0]
+        stream_BSD = x_BTD
+        if n_p and not decode:
+            prefix_BPD = jnp.broadcast_to(prefix_PD.astype(x_BTD.dtype), (b, *prefix_PD.shape))
+            stream_BSD = jnp.concatenate([prefix_BPD, x_BTD], axis=1)
+        q, k, v, rows_BSC = memory.project_input(stream_BSD, memory.conv_history(b, cache, decode))
+        gates = memory.gates(stream_BSD)
+        lengths_B = None if ctx.lengths_B is None else ctx.lengths_B + n_p
         if decode:
-            y_BTHE, state = memory.decode(cache.memory, q, k, v, gates, token_index(ctx, t))
+            y_BTHE, state = memory.decode(cache.memory, q, k, v, gates, token_index(ctx, t) + n_p)
         else:
-            y_BTHE, state = memory.scan(memory.initial_state(b), q, k, v, gates, ctx.lengths_B,
+            y_BSHE, state = memory.scan(memory.initial_state(b), q, k, v, gates, lengths_B,
                                         track_start=ctx.mode == "prefill")
+            y_BTHE = y_BSHE[:, n_p:]
         if ctx.mode != "full":
-            cache = TitansMemoryCache(state, memory.conv_tail(rows_BSC, cache, ctx))
+            cache = TitansMemoryCache(state, memory.conv_tail(rows_BSC, cache, None if decode else lengths_B))
         return MixerOutput(memory.read_out(y_BTHE, x_BTD), cache)
 
     def init_cache(self, batch: int, max_len: int) -> TitansMemoryCache:
