@@ -66,9 +66,21 @@ from attnzoo.config import ModelConfig
 from attnzoo.layers import RMSNorm, dense
 from attnzoo.mixers.base import ForwardContext, Mixer, MixerOutput, SharedParams, Supports, average_context
 from attnzoo.mixers.gqa import GQAOptions, GQAttention, KVCache
-from attnzoo.mixers.titans_memory import (Gates, LongTermMemory, MemoryState, NeuralMemory, TitansMemoryCache,
-                                          TitansMemoryOptions, compiled_forward, from_chunks, mlp_apply, next_start,
-                                          to_chunks, token_index, valid_per_chunk)
+from attnzoo.mixers.titans_memory import (
+    Gates,
+    LongTermMemory,
+    MemoryState,
+    NeuralMemory,
+    TitansMemoryCache,
+    TitansMemoryOptions,
+    compiled_forward,
+    from_chunks,
+    mlp_apply,
+    next_start,
+    to_chunks,
+    token_index,
+    valid_per_chunk,
+)
 from attnzoo.registry import register
 
 KERNEL_OPS = ("flash_attention", "decode_attention", "chunked_linear_attention")

@@ -182,7 +182,7 @@ class Gates(NamedTuple):
 
 
 class KeyFactors(NamedTuple):
-    """Per token s and layer l, grad_{W_l} l(W; k_s, v_s) = inputs[l][s]^T deltas[l][s]."""
+    """Per token s and layer l, `grad_{W_l} l(W; k_s, v_s) = inputs[l][s]^T deltas[l][s]`."""
 
     inputs: list
     deltas: list
