@@ -19,10 +19,8 @@ from flax import nnx
 from attnzoo.cache import DecodeState, ensure_within_capacity
 from attnzoo.config import BlockOptions, LayerSpec, ModelConfig
 from attnzoo.layers import RMSNorm, SwiGLU
-from attnzoo.mixers.base import ForwardContext, Mixer, Mode, SharedParams
+from attnzoo.mixers.base import SIDE_STREAM, ForwardContext, Mixer, Mode, SharedParams
 from attnzoo.registry import get_mixer
-
-SIDE_STREAM = "side_stream"  # the SharedParams key of a fixed side stream built by a mixer's make_shared
 
 
 class ModelOutput(NamedTuple):
@@ -111,9 +109,9 @@ class LanguageModel(nnx.Module):
         the caller sized the caches, as `generate` does). The returned `caches` are the updated decode state.
         `skip_layers` drops those layers (evaluation with layers removed). `side_tokens_BS` ([B or 1, S]) is a
         second stream run through the same stack beside the batch; each mixer sees its hidden state as
-        `ctx.side_BSD`; without it, a model whose mixers built a fixed stream (the shared module SIDE_STREAM, e.g.
-        decon_fixed_seq_qk's) runs that one. `diagnostics=True` (evaluation) adds the mixers' attention
-        diagnostics to `metrics`.
+        `ctx.side_BSD`; without it, a model whose mixers built a fixed stream (the shared module
+        `mixers.base.SIDE_STREAM`, e.g. decon_fixed_seq_qk's) runs that one. `diagnostics=True` (evaluation) adds
+        the mixers' attention diagnostics to `metrics`.
         """
         b, t = tokens_BT.shape
         if mode != "full" and caches is None:

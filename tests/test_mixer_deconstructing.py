@@ -15,7 +15,7 @@ from attnzoo import LanguageModel, ModelConfig
 from attnzoo.mixers.base import ForwardContext
 from attnzoo.mixers.decon_approx import taylor_features, taylor_scores
 from attnzoo.mixers.decon_fixed_qk import FIXED_TEXT, DeconFixedQK, fixed_text_tokens
-from attnzoo.model import SIDE_STREAM
+from attnzoo.mixers.base import SIDE_STREAM
 
 D, H, E, B, T, VOCAB = 32, 4, 8, 2, 10, 300
 

@@ -70,6 +70,9 @@ class Supports:
     kernel_ops: tuple[str, ...] = ()  # pallas_kernels ops it calls; their implementation is the model's choice
 
 
+SIDE_STREAM = "side_stream"  # the SharedParams key of a fixed side stream built by a mixer's make_shared
+
+
 class SharedParams(nnx.Module):
     """Modules shared by several layers, built once per key by the model (e.g. a weight dictionary that every
     attention layer draws from); a mixer asks for them through `make_shared`."""

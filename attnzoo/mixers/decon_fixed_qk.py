@@ -12,7 +12,7 @@ decon_fixed_seq_qk (Eqs. 11-12): it starts from Emb(t_s), a fixed text (the pape
 FineWeb; here FIXED_TEXT, the opening of Genesis in the KJV, 2,105 UTF-8 bytes, as token ids = bytes modulo
 vocab_size (exactly the text with attnzoo's byte tokenizer), repeated if max_seq_len is longer).
 
-The stream is the model's own: the mixer asks for it through `make_shared` (key attnzoo.model.SIDE_STREAM, a
+The stream is the model's own: the mixer asks for it through `make_shared` (key attnzoo.mixers.base.SIDE_STREAM, a
 `FixedSideStream` of max_seq_len positions holding non-trainable constants), and the model runs it through every
 layer beside the batch, handing each mixer its normalised hidden state as `ForwardContext.side_BSD`. Gradients
 flow through it into earlier layers (W_Q, W_K learn only through it). Inside the stream's own pass (side_BSD is
@@ -33,10 +33,9 @@ import numpy as np
 from flax import nnx
 
 from attnzoo.config import ModelConfig
-from attnzoo.mixers.base import ForwardContext, SharedParams, reject_unused
+from attnzoo.mixers.base import SIDE_STREAM, ForwardContext, SharedParams, reject_unused
 from attnzoo.mixers.decon_static_emb_qk import DecoupledQKAttention
 from attnzoo.mixers.gqa import GQAOptions, KVCache
-from attnzoo.model import SIDE_STREAM
 from attnzoo.registry import get_mixer, register
 
 SOURCES = ("random", "text")
