@@ -37,7 +37,7 @@ FAMILIES: dict[str, tuple[Variant, ...]] = {
         Variant("retnet", "retnet*4", "RetNet"),
         Variant("simple-gla", "simple_gla*4", "Simple GLA"),
         Variant("based", "based*4", "Based"),
-        Variant("lightning", ",".join(f"lightning(layer_depth={i / 3:.4f})" for i in range(4)),
+        Variant("lightning", ",".join(f"lightning(layer_depth={round(i / 3, 4)})" for i in range(4)),
                 "Lightning (TransNormerLLM depth-scaled decays)"),
     ),
     "hybrid": (
