@@ -411,11 +411,35 @@ def write_results(rows: list[dict[str, Any]], records: list[dict[str, Any]], out
 
 def scatter_metric(ax, rows: Sequence[Mapping[str, Any]], x: str, metric: str = "val_loss") -> None:
     """Each variant as one labelled point: column `x` against the metric's mean over seeds, with error bars of
-    one standard deviation when there are several seeds."""
-    for row in rows:
-        ax.errorbar(row[x], row[f"{metric}_mean"], yerr=row[f"{metric}_std"], fmt="o", markersize=7, capsize=4)
-        ax.annotate(row["label"], (row[x], row[f"{metric}_mean"]), textcoords="offset points", xytext=(5, 5))
+    one standard deviation when there are several seeds. Labels of nearby points are stacked apart (a thin line
+    joins a moved label to its point), so that no two overlap."""
+    points = [(float(row[x]), float(row[f"{metric}_mean"])) for row in rows]
+    for row, (px, py) in zip(rows, points):
+        ax.errorbar(px, py, yerr=row[f"{metric}_std"], fmt="o", markersize=7, capsize=4)
+    xs = [p[0] for p in points]
+    nudge = 0.015 * ((max(xs) - min(xs)) or 1.0)  # the label starts just right of its marker
+    for row, (px, py), label_y in zip(rows, points, _label_heights(points)):
+        moved = abs(label_y - py) > 0
+        ax.annotate(row["label"], (px, py), xytext=(px + nudge, label_y), textcoords="data", fontsize=8,
+                    xycoords="data", ha="left", va="bottom",
+                    arrowprops=dict(arrowstyle="-", lw=0.5, color="grey") if moved else None)
     ax.grid(alpha=0.3)
+
+
+def _label_heights(points: Sequence[tuple[float, float]], near_x: float = 0.12, gap_y: float = 0.035) -> list[float]:
+    """A label height per point (data units): its own y, or lower than an earlier-placed label within `near_x` of
+    the x range and `gap_y` of the y range."""
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x_span, y_span = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+    placed: list[tuple[float, float]] = []
+    heights = [0.0] * len(points)
+    for i in sorted(range(len(points)), key=lambda i: -points[i][1]):
+        px, y = points[i]
+        while any(abs(px - qx) < near_x * x_span and abs(y - qy) < gap_y * y_span for qx, qy in placed):
+            y -= gap_y * y_span
+        placed.append((px, y))
+        heights[i] = y
+    return heights
 
 
 def main(study: Study, argv: Sequence[str] | None = None, *, reports: Mapping[str, ReportFn] | None = None,
