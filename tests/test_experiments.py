@@ -131,3 +131,19 @@ def test_every_study_declares_valid_configs_at_every_scale():
         for scale in study.scales:
             plans = [study.model_config(scale, variant, 259).plan for variant in study.variants]
             assert plans == [variant.plan for variant in study.variants]
+
+
+def test_variants_option_runs_a_subset_and_names_unknown_ones(tmp_path, capsys, monkeypatch):
+    chosen = []
+
+    def record_and_stop(study, *args, **kwargs):
+        chosen.append([variant.name for variant in study.variants])
+        raise StudyConfigError("stopped before training")
+
+    monkeypatch.setattr("experiments.study.run_study", record_and_stop)
+    with pytest.raises(SystemExit):
+        main(STUDY, ["--scale", "smoke", "--out", str(tmp_path), "--variants", "mqa", "mha"])
+    assert chosen == [["mha", "mqa"]]  # the study's order, not the command's
+    with pytest.raises(SystemExit) as exit_info:
+        main(STUDY, ["--scale", "smoke", "--variants", "gqa", "nope"])
+    assert exit_info.value.code == 2 and "--variants: nope not in the study" in capsys.readouterr().err
