@@ -28,6 +28,7 @@ from flax import nnx
 
 from attnzoo import LanguageModel, ModelConfig, parse_plan
 from attnzoo.data import IGNORE_INDEX, ArrayDataset, mqar
+from attnzoo.provenance import code_identity, describe
 from attnzoo.train import TrainConfig
 from attnzoo.train.trainer import NonFiniteLossError, Trainer
 
@@ -106,7 +107,7 @@ def main(argv=None) -> list[dict]:
                            warmup_steps=max(1, args.steps // 10), eval_every=args.steps, eval_batches=4,
                            ckpt_every=args.steps, log_every=max(1, args.steps // 10), seed=args.seed)
     reach = args.layers * (args.window - 1)  # how far back the sliding-window baseline can see
-    rows = []
+    rows, code = [], code_identity()
     for i, (label, plan) in enumerate(plans.items(), 1):
         started = time.time()
         model = LanguageModel(model_config(plan, vocab, args.seq_len, args.d_model), rngs=nnx.Rngs(args.seed))
@@ -122,12 +123,14 @@ def main(argv=None) -> list[dict]:
         finally:
             trainer.close()
         rows.append(dict(label=label, plan=plan, params=model.summary(args.seq_len).total_params,
-                         val_loss=val_loss, **scores, minutes=(time.time() - started) / 60))
+                         val_loss=val_loss, **scores, minutes=(time.time() - started) / 60,
+                         commit=code["commit"], dirty=code["dirty"], source_hash=code["source_hash"]))
         print(f"plan {i}/{len(plans)} {label} ({plan}): recall {scores['accuracy']:.3f} (near {scores['near']:.3f}, "
               f"far {scores['far']:.3f}), val loss {val_loss:.3f}, {rows[-1]['minutes']:.1f} min", flush=True)
     caption = (f"MQAR, {args.pairs} pairs, seq {args.seq_len}, window {args.window} (reach of {args.layers} SWA "
                f"layers: {reach} tokens), memory chunk {args.chunk}, max_lr {args.max_lr}, "
-               f"{args.layers} layers, d {args.d_model}, {args.steps} steps x {args.batch_size}, seed {args.seed}")
+               f"{args.layers} layers, d {args.d_model}, {args.steps} steps x {args.batch_size}, seed {args.seed}; "
+               f"made by {describe(code)}")
     write_results(rows, out, caption)
     return rows
 

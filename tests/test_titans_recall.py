@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from attnzoo.provenance import code_identity, describe
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # experiments/ is not installed
 
 from attnzoo.data import mqar  # noqa: E402
@@ -34,4 +36,6 @@ def test_smoke_run_writes_table_csv_and_plot(tmp_path):
     for row, record in zip(rows, written):
         assert 0 <= row["accuracy"] <= 1 and float(record["accuracy"]) == row["accuracy"]
         assert np.isfinite(row["val_loss"])
+        assert record["source_hash"] == code_identity()["source_hash"] == row["source_hash"]  # the code is recorded
+    assert describe(code_identity()) in table
     assert (tmp_path / "titans_recall.png").stat().st_size > 0
