@@ -79,9 +79,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--window", type=int, default=8, help="attention window of every plan")
     p.add_argument("--chunk", type=int, default=8, help="memory chunk size / MAC segment")
-    p.add_argument("--max-lr", type=float, default=0.01,
-                   help="the memory's theta bound (its step size on ||M(k) - v||^2): MQAR's repeated filler token makes "
-                        "larger steps diverge at chunk 8 (see titans_memory's docstring)")
+    p.add_argument("--max-lr", type=float, default=0.005,
+                   help="the memory's theta bound (its step size on ||M(k) - v||^2): MQAR's repeated filler token "
+                        "makes larger steps diverge at chunk 8 (MAG at 0.01; see titans_memory's docstring)")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32)

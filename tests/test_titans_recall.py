@@ -30,7 +30,7 @@ def test_smoke_run_writes_table_csv_and_plot(tmp_path):
     rows = main(["--smoke", "--out", str(tmp_path)])
     assert [r["label"] for r in rows] == ["SWA", "MAG"]
     table = (tmp_path / "results.md").read_text()
-    assert "titans_mag(chunk_size=4,max_lr=0.01,window=4)*1" in table and "beyond the SWA stack's reach" in table
+    assert "titans_mag(chunk_size=4,max_lr=0.005,window=4)*1" in table and "beyond the SWA stack's reach" in table
     written = list(csv.DictReader((tmp_path / "results.csv").open()))
     assert [r["label"] for r in written] == ["SWA", "MAG"]
     for row, record in zip(rows, written):
