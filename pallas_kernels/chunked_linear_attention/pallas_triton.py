@@ -1,5 +1,5 @@
 """Chunked linear attention as Pallas Triton kernels: the "triton" implementation of chunked_linear_attention. The
-forward is here; its backward (dQ, dK/dV kernels) is in `pallas_triton_backward.py`, behind one `jax.custom_vjp`.
+forward is here; its backward (dQ, dK/dV kernels) is in `pallas_triton_bwd.py`, behind one `jax.custom_vjp`.
 
 Lightning Attention-2's fused forward (arXiv 2401.04658; OpenNLPLab lightning_attn2.py `_fwd_kernel`) with Mamba-2's
 data-dependent scalar decay: grid (B, H, value-column tiles); each program keeps its [E, block_f] float32 state in
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.chunked_linear_attention import pallas_triton_backward
+from pallas_kernels.chunked_linear_attention import pallas_triton_bwd
 from pallas_kernels.chunked_linear_attention import pallas_triton_common as tc
 from pallas_kernels.chunked_linear_attention.reference import mask_past_lengths, segment_resets
 from pallas_kernels.common import pad_axis
@@ -82,7 +82,7 @@ def _linear_attention_fwd(q, k, v, g, resets, s0, cfg: tc.Config):
     return (o, s), (q, k, v, g, resets, s0, s)
 
 
-_linear_attention.defvjp(_linear_attention_fwd, pallas_triton_backward.linear_attention_backward)
+_linear_attention.defvjp(_linear_attention_fwd, pallas_triton_bwd.linear_attention_backward)
 
 
 def unsupported_reason(call) -> str | None:

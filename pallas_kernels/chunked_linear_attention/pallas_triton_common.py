@@ -1,5 +1,5 @@
 """What the chunked linear attention Pallas Triton forward (`pallas_triton.py`) and backward
-(`pallas_triton_backward.py`) share: the static config and tiles, the block specs, the per-chunk decay factors (the
+(`pallas_triton_bwd.py`) share: the static config and tiles, the block specs, the per-chunk decay factors (the
 only place the kernels exponentiate) and the tile dots.
 
 Every kernel has the grid (B, H, value-column tiles of block_f) and one program walks the chunks of its (batch,
