@@ -23,8 +23,8 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from attnzoo.layers import softmax_map
 from attnzoo.mixers.base import ForwardContext
-from attnzoo.mixers.decon_static_emb_qk import softmax_map
 from attnzoo.mixers.gqa import GQAttention
 from attnzoo.model import LanguageModel
 

@@ -100,3 +100,59 @@ def apply_rope(x_BTHD, positions_BT, *, base: float, scaling: RopeScaling | None
     cos, sin = jnp.cos(angle_BTF)[:, :, None, :], jnp.sin(angle_BTF)[:, :, None, :]
     x1, x2 = jnp.split(x_BTHD.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BTHD.dtype)
+
+
+# -- pieces several mixers share (one home, so that no mixer imports another for them) ---------------------------
+
+NORMALIZER_EPS = 1e-6  # linear attention's q.z denominator floor (linear_attention, decon_approx)
+
+
+class DepthwiseConv1d(nnx.Module):
+    """PyTorch `Conv1d(I, I, d_conv, groups=I)` applied causally: weight [I, 1, d_conv], bias [I] (or none).
+    PyTorch's default init U(-1/sqrt(d_conv), 1/sqrt(d_conv)), as the reference leaves it."""
+
+    def __init__(self, channels: int, kernel_size: int, *, use_bias: bool, param_dtype, rngs: nnx.Rngs):
+        bound = kernel_size**-0.5
+
+        def uniform(shape):
+            return nnx.Param(jax.random.uniform(rngs.params(), shape, param_dtype, -bound, bound))
+
+        self.weight = uniform((channels, 1, kernel_size))
+        self.bias = uniform((channels,)) if use_bias else None
+
+    def __call__(self, rows_BSI, t: int, segment_ids_BT=None):
+        """The outputs at the last t of the S rows (the first S - t are history), each reading its d_conv rows
+        ending at itself; rows of another document read as zero."""
+        kernel_size = self.weight.shape[-1]
+        history = rows_BSI.shape[1] - t
+        weight_WI = self.weight[...][:, 0].T.astype(rows_BSI.dtype)
+        y_BTI = jnp.zeros(rows_BSI.shape[:1] + (t,) + rows_BSI.shape[2:], rows_BSI.dtype)
+        for tap in range(kernel_size):  # tap kernel_size - 1 reads the current row
+            back = kernel_size - 1 - tap
+            rows_BTI = rows_BSI[:, history - back:history - back + t]
+            if segment_ids_BT is not None and back:
+                # History rows (before a sequence's start) are zeros outside decode, so only in-sequence rows count.
+                earlier_BT = jnp.pad(segment_ids_BT, [(0, 0), (back, 0)], mode="edge")[:, :t]
+                rows_BTI = jnp.where((earlier_BT == segment_ids_BT)[..., None], rows_BTI, 0)
+            y_BTI = y_BTI + rows_BTI * weight_WI[tap]
+        if self.bias is not None:
+            y_BTI = y_BTI + self.bias[...].astype(y_BTI.dtype)
+        return y_BTI
+
+
+def taylor2_features(x_BTHD):
+    """Based's TaylorExp: [1, x / d^(1/4), vec(x x^T) / sqrt(2 d)], width 1 + d + d^2, so that
+    phi(q).phi(k) = 1 + s + s^2 / 2 with s = q.k / sqrt(d)."""
+    d = x_BTHD.shape[-1]
+    outer = (x_BTHD[..., :, None] * x_BTHD[..., None, :]).reshape(*x_BTHD.shape[:-1], d * d)
+    return jnp.concatenate([jnp.ones_like(x_BTHD[..., :1]), x_BTHD / d**0.25, outer / math.sqrt(2 * d)], axis=-1)
+
+
+def softmax_map(q_BTHE, k_BTKE, scale: float):
+    """Causal softmax(q k^T * scale) [B,H,T,S] (kv heads repeated to the query heads) and the logits."""
+    group = q_BTHE.shape[2] // k_BTKE.shape[2]
+    k_BTHE = jnp.repeat(k_BTKE, group, axis=2)
+    logits_BHTS = jnp.einsum("bthe,bshe->bhts", q_BTHE.astype(jnp.float32), k_BTHE.astype(jnp.float32)) * scale
+    t = q_BTHE.shape[1]
+    causal = jnp.tril(jnp.ones((t, k_BTHE.shape[1]), bool))
+    return jax.nn.softmax(jnp.where(causal, logits_BHTS, -jnp.inf), axis=-1), jnp.where(causal, logits_BHTS, 0.0)

@@ -9,9 +9,8 @@ import pytest
 from flax import nnx
 
 from attnzoo import LanguageModel, ModelConfig
-from attnzoo.layers import apply_rope
+from attnzoo.layers import apply_rope, taylor2_features
 from attnzoo.mixers.base import ForwardContext
-from attnzoo.mixers.linear_attention import taylor2_features
 
 D, H, E, T = 32, 4, 8, 21  # T crosses a chunk boundary (chunk_size=16 below)
 

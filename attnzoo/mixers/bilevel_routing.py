@@ -62,9 +62,9 @@ from flax import nnx
 import pallas_kernels
 from attnzoo.cache import write_at
 from attnzoo.config import ModelConfig
+from attnzoo.layers import DepthwiseConv1d
 from attnzoo.mixers.base import ForwardContext, MixerOutput, SharedParams, Supports, dtype_bytes, reject_unused
 from attnzoo.mixers.gqa import GQAOptions, GQAttention, KVCache
-from attnzoo.mixers.mamba import DepthwiseConv1d
 from attnzoo.registry import register
 
 # Each decoded token is a query block of its own, padded to the Triton kernel's smallest query tile.

@@ -11,7 +11,7 @@ normalization="separate" (the paper's Appx. I form: each order normalised on its
   moved away from zero by NORMALIZER_EPS with its own sign, never clipped to a positive value.
 normalization="joint" (Based): one map normalised jointly, positive for every s:
     o_i = sum_{j<=i} (1 + s_ij + s_ij^2 / 2) v_j / sum_{j<=i} (1 + s_ij + s_ij^2 / 2)
-  with Based's features phi(x) = [1, x~, vec(x~ x~^T) / sqrt 2] (`linear_attention.taylor2_features`), width
+  with Based's features phi(x) = [1, x~, vec(x~ x~^T) / sqrt 2] (`attnzoo.layers.taylor2_features`), width
   1 + E + E^2.
 
 Training and scoring use the quadratic masked form (float32); prefill and decode use the recurrent form: the new
@@ -33,9 +33,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attnzoo.config import ModelConfig
-from attnzoo.layers import apply_rope, dense
+from attnzoo.layers import NORMALIZER_EPS, apply_rope, dense, taylor2_features
 from attnzoo.mixers.base import ForwardContext, Mixer, MixerOutput, SharedParams, Supports
-from attnzoo.mixers.linear_attention import NORMALIZER_EPS, taylor2_features
 from attnzoo.registry import register
 
 NORMALIZATIONS = ("separate", "joint")

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from attnzoo.config import ModelConfig
-from attnzoo.layers import RMSNorm
+from attnzoo.layers import RMSNorm, softmax_map
 from attnzoo.mixers.base import ForwardContext, MixerOutput, SharedParams
 from attnzoo.mixers.gqa import GQAOptions, GQAttention, KVCache
 from attnzoo.registry import register
@@ -55,16 +54,6 @@ class DecoupledQKAttention(GQAttention):
     def attention_map(self, x_BTD, ctx: ForwardContext):
         """The causal softmax map A [B,H,T,T] and its pre-softmax logits (for the indicators)."""
         return softmax_map(*self.queries_keys(x_BTD, ctx), self.head_dim**-0.5)
-
-
-def softmax_map(q_BTHE, k_BTKE, scale: float):
-    """Causal softmax(q k^T * scale) [B,H,T,S] (kv heads repeated to the query heads) and the logits."""
-    group = q_BTHE.shape[2] // k_BTKE.shape[2]
-    k_BTHE = jnp.repeat(k_BTKE, group, axis=2)
-    logits_BHTS = jnp.einsum("bthe,bshe->bhts", q_BTHE.astype(jnp.float32), k_BTHE.astype(jnp.float32)) * scale
-    t = q_BTHE.shape[1]
-    causal = jnp.tril(jnp.ones((t, k_BTHE.shape[1]), bool))
-    return jax.nn.softmax(jnp.where(causal, logits_BHTS, -jnp.inf), axis=-1), jnp.where(causal, logits_BHTS, 0.0)
 
 
 @register("decon_static_emb_qk", options=DeconStaticEmbQKOptions, n_kv_heads="all")

@@ -79,7 +79,7 @@ from flax import nnx
 
 import pallas_kernels
 from attnzoo.config import ModelConfig
-from attnzoo.layers import RMSNorm, apply_rope, dense
+from attnzoo.layers import NORMALIZER_EPS, RMSNorm, apply_rope, dense, taylor2_features
 from attnzoo.mixers.base import ForwardContext, Mixer, MixerOutput, SharedParams, Supports
 from attnzoo.mixers.gqa import heads
 from attnzoo.registry import register
@@ -90,7 +90,6 @@ DECAYS = ("fixed", "alibi", "learned", "data")
 OUTPUT_NORMS = ("rms", "group", "srms")
 OUTPUT_GATES = {"swish": jax.nn.silu, "sigmoid": jax.nn.sigmoid, "identity": lambda x: x}
 BASED_FEATURE_DIM = 16  # Based's default Taylor input width
-NORMALIZER_EPS = 1e-6
 DEPTH_EPS = 1e-5  # TransNormerLLM keeps the last layer's slopes just above 0
 
 
@@ -162,14 +161,6 @@ class LinearAttentionCache:
     """The recurrent state per query head, [B, H, E', F'] float32 (the normaliser z is its last value column)."""
 
     state_BHPV: jax.Array
-
-
-def taylor2_features(x_BTHD):
-    """Based's TaylorExp: [1, x / d^(1/4), vec(x x^T) / sqrt(2 d)], width 1 + d + d^2, so that
-    phi(q).phi(k) = 1 + s + s^2 / 2 with s = q.k / sqrt(d)."""
-    d = x_BTHD.shape[-1]
-    outer = (x_BTHD[..., :, None] * x_BTHD[..., None, :]).reshape(*x_BTHD.shape[:-1], d * d)
-    return jnp.concatenate([jnp.ones_like(x_BTHD[..., :1]), x_BTHD / d**0.25, outer / math.sqrt(2 * d)], axis=-1)
 
 
 def feature_map(name: str, x):

@@ -63,6 +63,7 @@ from flax import nnx
 
 from attnzoo.cache import rows_before
 from attnzoo.config import ModelConfig
+from attnzoo.layers import DepthwiseConv1d
 from attnzoo.mixers.base import ForwardContext, Mixer, MixerOutput, SharedParams, Supports
 from attnzoo.registry import register
 
@@ -171,39 +172,6 @@ def residual_branches(config: ModelConfig) -> int:
     """Residual branches of the model: one mixer per layer plus one per MLP (the reference's n_residuals_per_layer *
     n_layer for a uniform stack)."""
     return config.n_layers + sum(block.mlp is not None for block in config.block_options)
-
-
-class DepthwiseConv1d(nnx.Module):
-    """PyTorch `Conv1d(I, I, d_conv, groups=I)` applied causally: weight [I, 1, d_conv], bias [I] (or none).
-    PyTorch's default init U(-1/sqrt(d_conv), 1/sqrt(d_conv)), as the reference leaves it."""
-
-    def __init__(self, channels: int, kernel_size: int, *, use_bias: bool, param_dtype, rngs: nnx.Rngs):
-        bound = kernel_size**-0.5
-
-        def uniform(shape):
-            return nnx.Param(jax.random.uniform(rngs.params(), shape, param_dtype, -bound, bound))
-
-        self.weight = uniform((channels, 1, kernel_size))
-        self.bias = uniform((channels,)) if use_bias else None
-
-    def __call__(self, rows_BSI, t: int, segment_ids_BT=None):
-        """The outputs at the last t of the S rows (the first S - t are history), each reading its d_conv rows
-        ending at itself; rows of another document read as zero."""
-        kernel_size = self.weight.shape[-1]
-        history = rows_BSI.shape[1] - t
-        weight_WI = self.weight[...][:, 0].T.astype(rows_BSI.dtype)
-        y_BTI = jnp.zeros(rows_BSI.shape[:1] + (t,) + rows_BSI.shape[2:], rows_BSI.dtype)
-        for tap in range(kernel_size):  # tap kernel_size - 1 reads the current row
-            back = kernel_size - 1 - tap
-            rows_BTI = rows_BSI[:, history - back:history - back + t]
-            if segment_ids_BT is not None and back:
-                # History rows (before a sequence's start) are zeros outside decode, so only in-sequence rows count.
-                earlier_BT = jnp.pad(segment_ids_BT, [(0, 0), (back, 0)], mode="edge")[:, :t]
-                rows_BTI = jnp.where((earlier_BT == segment_ids_BT)[..., None], rows_BTI, 0)
-            y_BTI = y_BTI + rows_BTI * weight_WI[tap]
-        if self.bias is not None:
-            y_BTI = y_BTI + self.bias[...].astype(y_BTI.dtype)
-        return y_BTI
 
 
 @register("mamba", options=MambaOptions)

@@ -65,9 +65,8 @@ from flax import nnx
 import pallas_kernels
 from attnzoo.cache import rows_before
 from attnzoo.config import ModelConfig
-from attnzoo.layers import dense
+from attnzoo.layers import DepthwiseConv1d, dense
 from attnzoo.mixers.base import ForwardContext, Mixer, MixerOutput, SharedParams, Supports
-from attnzoo.mixers.mamba import DepthwiseConv1d
 from attnzoo.registry import register
 
 

@@ -107,9 +107,8 @@ from flax import nnx
 import pallas_kernels
 from attnzoo.cache import rows_before
 from attnzoo.config import ModelConfig
-from attnzoo.layers import RMSNorm, dense
+from attnzoo.layers import DepthwiseConv1d, RMSNorm, dense
 from attnzoo.mixers.base import ForwardContext, Mixer, MixerOutput, SharedParams, Supports
-from attnzoo.mixers.mamba import DepthwiseConv1d
 from attnzoo.registry import register
 
 # Gate biases at init: theta = 0.1 max_lr, eta = 0.5, alpha = 0.01 (slow forgetting); see "Stability" above.
