@@ -112,16 +112,15 @@ def randomize_norm(mixer, seed=3):
             param.value = jnp.asarray(rng.normal(1.0 if name == "scale" else 0.0, 0.5, param.shape), param.dtype)
 
 
-def check_forward(plan, **reference):
+def mixer_and_reference(plan, **reference):
+    """(the mixer's output, the float64 reference's) on one random input; output norms randomised first, so the
+    comparison sees where their parameters enter."""
     mixer = one_layer(plan).blocks[0].mixer
     if mixer.out_norm is not None:
         randomize_norm(mixer)
     x_BTD = jnp.asarray(np.random.default_rng(0).normal(size=(2, T, D)), jnp.float32)
     ctx = ForwardContext("full", jnp.broadcast_to(jnp.arange(T), (2, T)))
-    got = mixer(x_BTD, ctx).y_BTD
-    want = reference_forward(mixer, x_BTD, **reference)
-    assert np.abs(want).max() > 1e-3  # the comparison is not vacuous
-    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+    return np.asarray(mixer(x_BTD, ctx).y_BTD), reference_forward(mixer, x_BTD, **reference)
 
 
 @pytest.mark.parametrize("feature_map, decay, normalize, rope, kv_heads", [
@@ -139,8 +138,10 @@ def test_forward_matches_quadratic_reference(feature_map, decay, normalize, rope
             f"n_kv_heads={kv_heads},chunk_size=16")
     if feature_map == "taylor2":
         opts += ",feature_dim=4"
-    check_forward(f"linear_attention({opts})", feature_map=feature_map, decay=decay, normalize=normalize, rope=rope,
-                  kv_heads=kv_heads)
+    got, want = mixer_and_reference(f"linear_attention({opts})", feature_map=feature_map, decay=decay,
+                                    normalize=normalize, rope=rope, kv_heads=kv_heads)
+    assert np.abs(want).max() > 1e-3  # the comparison is not vacuous
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
 
 
 @pytest.mark.parametrize("plan, reference", [
@@ -165,7 +166,10 @@ def test_forward_matches_quadratic_reference(feature_map, decay, normalize, rope
      dict(feature_map="elu1", decay="none", normalize=True, rope=False, kv_heads=1, output_gate="swish")),
 ])
 def test_presets_match_their_papers(plan, reference):
-    check_forward(plan, **{"normalize": False, "kv_heads": 2 if "n_kv_heads=2" in plan else H} | reference)
+    got, want = mixer_and_reference(plan, **{"normalize": False, "kv_heads": 2 if "n_kv_heads=2" in plan else H}
+                                    | reference)
+    assert np.abs(want).max() > 1e-3  # the comparison is not vacuous
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
 
 
 def test_taylor2_inner_product_is_second_order_exp():
