@@ -28,7 +28,7 @@ from attnzoo import LanguageModel, ModelConfig
 from attnzoo.data import ByteTokenizer, TokenDataset, unigram_entropy
 from attnzoo.data.corpus import load_corpus
 from attnzoo.provenance import code_identity, describe, same_code
-from attnzoo.train import ConfigMismatchError, RunDirError, TrainConfig, train
+from attnzoo.train import RunDirError, TrainConfig, train
 from attnzoo.train.checkpoint import CHECKPOINT_DIR, RUN_CONFIG_FILE, read_run_config, resume_differences
 from attnzoo.train.trainer import run_config
 
@@ -276,13 +276,9 @@ def run_study(study: Study, scale: str, out: str | os.PathLike, *, seeds: Sequen
              + ("resuming from its latest checkpoint" if resume else f"training {run_training.steps} steps"))
         model = LanguageModel(model_config, rngs=nnx.Rngs(seed))
         start = time.perf_counter()
-        try:
-            result = train(model, run_training, dataset, run_dir, data=data, tokenizer=tokenizer, resume=resume,
-                           progress=progress, sample_tokens=0, echo=echo)
-        except ConfigMismatchError as error:
-            raise RunDirError(f"{run_dir} holds a run with other settings than scale {scale} of study "
-                              f"{study.name} asks for; choose another output directory or remove that run.\n"
-                              f"{error}") from None
+        # _check_resumable compared every resumed run's settings before any work, so train() accepts them.
+        result = train(model, run_training, dataset, run_dir, data=data, tokenizer=tokenizer, resume=resume,
+                       progress=progress, sample_tokens=0, echo=echo)
         metrics = {"val_loss": result.val_loss, "val_ppl": result.val_ppl, "tokens_per_s": result.tokens_per_s}
         if evaluate_run is not None:
             metrics.update(evaluate_run(model, dataset, run_training))
