@@ -1,6 +1,7 @@
 """What every decode cache shares: the model's decode state and the per-sequence write into a cache buffer.
 
-Each mixer's own cache class lives in its mixer's file; the model keeps the per-sequence lengths and the capacity,
+`KVCache` (keys and values of every past token) serves every softmax mixer; a mixer with another state keeps its
+cache class in its own file. The model keeps the per-sequence lengths and the capacity,
 so a recurrent cache holds only its state.
 """
 
@@ -51,3 +52,21 @@ def ensure_within_capacity(lengths_B: jax.Array, capacity: int) -> None:
             raise ValueError(message)
 
     jax.debug.callback(fail_if_over, jnp.any(lengths_B > capacity))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Keys and values of every past token; the model's DecodeState says how many entries are valid."""
+
+    k_BSKE: jax.Array
+    v_BSKE: jax.Array
+
+    @classmethod
+    def empty(cls, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype) -> "KVCache":
+        zeros = jnp.zeros((batch, max_len, kv_heads, head_dim), dtype)
+        return cls(zeros, zeros)
+
+    def write(self, k_BTKE, v_BTKE, at_B) -> "KVCache":
+        """The T new keys/values written at positions at_B .. at_B + T - 1 of each sequence."""
+        return KVCache(write_at(self.k_BSKE, k_BTKE, at_B), write_at(self.v_BSKE, v_BTKE, at_B))

@@ -1,7 +1,9 @@
 """Token mixers by name.
 
-A mixer is one file under `attnzoo/mixers/` that calls `register`; the files there are discovered on first lookup,
-so a new mixer needs no other edit. Mixers defined elsewhere register when their module is imported.
+A mixer is one file under `attnzoo/mixers/` that calls `register`, so a new mixer needs no other edit. A lookup
+imports only the file that registers the name: an index of name -> file is read from the files' source (each
+literal `register("name", ...)`, as a decorator or called on a class), without importing them. `registered()`
+imports every file. Mixers defined elsewhere register when their module is imported.
 
 `register(name, options=OptionsDataclass, **defaults)` ties a name to a mixer class and its frozen options
 dataclass; a second name for the same class may fix options (`register("mqa", options=GQAOptions,
@@ -13,11 +15,12 @@ This module imports nothing from attnzoo, so the config can validate plans witho
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib
-import pkgutil
 import types
 import typing
+from pathlib import Path
 from typing import Any, Callable, Literal, Mapping
 
 MIXER_PACKAGE = "attnzoo.mixers"
@@ -41,7 +44,7 @@ class MixerEntry:
 
 
 _MIXERS: dict[str, MixerEntry] = {}
-_IMPORTED: set[str] = set()
+_INDEX: dict[str, str] = {}  # name -> the module of MIXER_PACKAGE whose source registers it
 
 
 def register(name: str, *, options: type = NoOptions, **defaults) -> Callable[[type], type]:
@@ -67,13 +70,18 @@ def _qualified(cls: type) -> str:
 
 
 def registered() -> tuple[str, ...]:
-    _discover()
+    """Every registered name (imports every mixer file)."""
+    for module in _mixer_sources():
+        importlib.import_module(module)
     return tuple(sorted(_MIXERS))
 
 
 def get_mixer(name: str) -> MixerEntry:
+    """The entry of `name`, importing the one file that registers it; a ValueError listing every name if none does."""
+    if name not in _MIXERS and (module := _module_registering(name)):
+        importlib.import_module(module)
     if name not in _MIXERS:
-        _discover()
+        registered()  # a name the index cannot see (registered without a literal name), or an error to list them all
     if name not in _MIXERS:
         raise ValueError(f"mixer {name!r} is not registered; registered mixers: {', '.join(sorted(_MIXERS))}")
     return _MIXERS[name]
@@ -99,13 +107,32 @@ def make_options(owner: str, options_cls: type, given: Mapping[str, Any], defaul
         raise ValueError(f"{owner}: {error}") from None
 
 
-def _discover() -> None:
-    """Import every module of the mixer package (each registers its mixers); new files are found on each call."""
+def _mixer_sources() -> dict[str, Path]:
+    """The mixer package's modules and their files, listed again on each call so that new files are found."""
     package = importlib.import_module(MIXER_PACKAGE)
-    for module in pkgutil.iter_modules(package.__path__, MIXER_PACKAGE + "."):
-        if module.name not in _IMPORTED:
-            importlib.import_module(module.name)
-            _IMPORTED.add(module.name)
+    return {f"{MIXER_PACKAGE}.{path.stem}": path
+            for folder in package.__path__ for path in sorted(Path(folder).glob("*.py")) if path.stem != "__init__"}
+
+
+def _module_registering(name: str) -> str | None:
+    """The mixer module whose source registers `name`, from the index (rebuilt when it lacks the name)."""
+    if name not in _INDEX:
+        _INDEX.clear()
+        _INDEX.update(_index())
+    return _INDEX.get(name)
+
+
+def _index() -> dict[str, str]:
+    """Name -> the mixer module whose source registers it, read from the files without importing them."""
+    return {name: module for module, path in _mixer_sources().items()
+            for name in _registered_names(path.read_text())}
+
+
+def _registered_names(source: str) -> list[str]:
+    """The literal names of a file's `register("name", ...)` calls, decorators and `register(...)(Cls)` alike."""
+    return [node.args[0].value for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "register"
+            and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)]
 
 
 def type_problem(value: Any, hint: Any) -> str | None:

@@ -10,7 +10,7 @@ causal mask. Block sparsity is counted against dense causal attention: 1 - k / (
 block = (NKB + 1) / 2), so the ideal speedup is N / (2 k B) = 1 / (1 - sparsity). Dense baseline:
 `flash_attention(implementation="xla")`, which materialises the [T, S] logits. Timing: jit, one compiling call,
 then the median of --repeats calls. Prints markdown tables; --out writes JSON. The GPU comparison (Triton kernel vs
-dense flash Triton vs cuDNN) is in bench_kernels.py.
+dense flash Triton vs cuDNN) is the block_sparse part of bench_kernels.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +27,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
+from experiments.bench_common import timed  # noqa: E402
 from pallas_kernels import block_sparse_attention, flash_attention  # noqa: E402
 
 
@@ -42,17 +42,6 @@ def causal_random_lists(num_q_blocks: int, k: int, *, seed: int = 0, kv_heads: i
             chosen = np.sort(np.append(rng.permutation(i)[:k - 1], i))
             ids[0, h, i, :len(chosen)], counts[0, h, i] = chosen, len(chosen)
     return jnp.asarray(ids), jnp.asarray(counts)
-
-
-def timed(fn, *args, repeats: int) -> float:
-    """Median seconds of a jitted call, after one compiling call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def main(argv=None) -> None:
@@ -81,8 +70,8 @@ def main(argv=None) -> None:
 
     dense = lambda q, k, v: flash_attention(q, k, v, causal=True, implementation="xla")
     rows = [dict(impl="dense_xla", k=num_blocks, sparsity=0.0, ideal_speedup=1.0,
-                 fwd_s=timed(jax.jit(dense), q, k, v, repeats=args.repeats),
-                 fwdbwd_s=timed(both_passes(dense), q, k, v, repeats=args.repeats))]
+                 fwd_s=timed(jax.jit(dense), q, k, v, repeats=args.repeats).seconds,
+                 fwdbwd_s=timed(both_passes(dense), q, k, v, repeats=args.repeats).seconds)]
     print(json.dumps(rows[-1]), flush=True)
     for n_sel in ks:
         lists, counts = causal_random_lists(num_blocks, n_sel, seed=n_sel, kv_heads=hkv)
@@ -90,8 +79,8 @@ def main(argv=None) -> None:
             q, k, v, lists, counts, block_q=block, block_k=block, implementation="xla")
         rows.append(dict(impl="block_sparse_xla", k=n_sel, sparsity=1 - n_sel / causal_blocks,
                          ideal_speedup=seq / (2 * n_sel * block),
-                         fwd_s=timed(jax.jit(sparse), q, k, v, repeats=args.repeats),
-                         fwdbwd_s=timed(both_passes(sparse), q, k, v, repeats=args.repeats)))
+                         fwd_s=timed(jax.jit(sparse), q, k, v, repeats=args.repeats).seconds,
+                         fwdbwd_s=timed(both_passes(sparse), q, k, v, repeats=args.repeats).seconds))
         print(json.dumps(rows[-1]), flush=True)
 
     dense_row, sparse_rows = rows[0], rows[1:]

@@ -17,24 +17,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import chunked_linear_attention, decode_attention
-from pallas_kernels.common import on_gpu
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-
-def timed(fn, *args, repeats: int = 3) -> float:
-    """Median seconds of a jitted call, after one compiling call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+from experiments.bench_common import timed  # noqa: E402
+from pallas_kernels import chunked_linear_attention, decode_attention  # noqa: E402
+from pallas_kernels.common import on_gpu  # noqa: E402
 
 
 def associative_scan_attention(q_BTHE, k_BTHE, v_BTHE, g_BTH):
@@ -77,7 +71,7 @@ def training_rows(batch: int, seq: int, heads: int, dim: int, *, with_triton: bo
                      ("sequential lax.scan", sequential_scan_attention)):
         loss_and_grads = jax.jit(jax.value_and_grad(lambda *a, fn=fn: jnp.sum(fn(*a) * d_out), argnums=(0, 1, 2, 3)))
         try:
-            seconds = timed(loss_and_grads, q, k, v, g)
+            seconds = timed(loss_and_grads, q, k, v, g).seconds
             rows.append(dict(kind="train", name=name, ms=seconds * 1e3, tokens_per_s=batch * seq / seconds))
         except Exception as err:  # noqa: BLE001  (e.g. out of memory: reported, the others still run)
             rows.append(dict(kind="train", name=name, error=f"{type(err).__name__}: {err}"[:300]))
@@ -99,8 +93,8 @@ def decode_rows(batch: int, heads: int, dim: int, contexts: list[int]) -> list[d
         _, state = chunked_linear_attention(history, history, history, jnp.full(history.shape[:3], -0.01),
                                             chunk_size=64, return_final_state=True, implementation="xla")
         lengths = jnp.full((batch,), context, jnp.int32)
-        rows.append(dict(kind="decode", context=context, recurrent_tokens_per_s=batch / timed(step, q, state),
-                         kv_cache_tokens_per_s=batch / timed(attend, q, history, lengths)))
+        rows.append(dict(kind="decode", context=context, recurrent_tokens_per_s=batch / timed(step, q, state).seconds,
+                         kv_cache_tokens_per_s=batch / timed(attend, q, history, lengths).seconds))
     return rows
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 
 import jax
@@ -19,26 +21,18 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from attnzoo import LanguageModel, get_preset
-from attnzoo.train.optim import TrainConfig, make_optimizer
-from attnzoo.train.trainer import make_train_step
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-
-def timed(step, n_warmup: int, n_timed: int) -> float:
-    """Seconds per call of `step()` (which returns something to block on), after warm-up."""
-    for _ in range(n_warmup):
-        jax.block_until_ready(step())
-    start = time.perf_counter()
-    for _ in range(n_timed):
-        out = step()
-    jax.block_until_ready(out)
-    return (time.perf_counter() - start) / n_timed
+from attnzoo import LanguageModel, get_preset  # noqa: E402
+from attnzoo.train.optim import TrainConfig, make_optimizer  # noqa: E402
+from attnzoo.train.trainer import make_train_step  # noqa: E402
+from experiments.bench_common import seconds_per_step  # noqa: E402
 
 
 def matmul_tflops(n: int) -> float:
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
     mm = jax.jit(lambda x, y: x @ y)
-    return 2 * n**3 / timed(lambda: mm(a, a), 2, 10) / 1e12
+    return 2 * n**3 / seconds_per_step(lambda: mm(a, a), 2, 10) / 1e12
 
 
 def attnzoo_step(preset: str, plan: str | None, batch: int, seq: int, dtype: str, impl: str, n: int):
@@ -59,7 +53,7 @@ def attnzoo_step(preset: str, plan: str | None, batch: int, seq: int, dtype: str
         state["params"], state["opt"], metrics = step(state["params"], state["opt"], x, y)
         return metrics["loss"]
 
-    seconds = timed(one, 2, n)
+    seconds = seconds_per_step(one, 2, n)
     return dict(name=f"attnzoo {preset} {cfg.plan}", params_m=model.summary().total_params / 1e6,
                 step_ms=seconds * 1e3, tokens_per_s=batch * seq / seconds,
                 model_tflops=flops_per_token * batch * seq / seconds / 1e12)
@@ -104,7 +98,7 @@ def plain_jax_gpt2_step(layers: int, d: int, heads: int, vocab: int, seq: int, b
         state["p"], state["s"], loss = step(state["p"], state["s"], tok)
         return loss
 
-    seconds = timed(one, 2, n)
+    seconds = seconds_per_step(one, 2, n)
     n_params = sum(x.size for x in jax.tree.leaves(params)) - seq * d
     flops = 6 * n_params * batch * seq + 6 * layers * batch * seq * seq * d
     return dict(name="plain-JAX GPT-2-small (peer)", params_m=n_params / 1e6, step_ms=seconds * 1e3,

@@ -12,14 +12,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 
 import jax
 import numpy as np
 from flax import nnx
 
-from attnzoo import LanguageModel, generate, get_preset
-from bench_train import attnzoo_step, timed
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from attnzoo import LanguageModel, generate, get_preset  # noqa: E402
+from experiments.bench_common import seconds_per_step  # noqa: E402
+from experiments.bench_train import attnzoo_step  # noqa: E402
 
 VARIANTS = ("gqa", "mla", "masa", "ccgqa", "moh", "gated")
 
@@ -29,7 +34,7 @@ def decode_tokens_per_s(preset: str, plan: str, batch: int, prompt: int, new: in
                      kernels={"flash_attention": impl, "decode_attention": "xla" if impl == "xla" else "auto"})
     model = LanguageModel(cfg, rngs=nnx.Rngs(0))
     prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt)).tolist()
-    seconds = timed(lambda: generate(model, prompts, new), 1, 2)  # generate returns host lists: already blocked
+    seconds = seconds_per_step(lambda: generate(model, prompts, new), 1, 2)  # generate returns host lists: already blocked
     return batch * new / seconds
 
 

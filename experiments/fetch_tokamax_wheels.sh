@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Download tokamax 0.0.17 and the dependencies the H200 image lacks into .whl/ (git-ignored, ~37 MB), for
-# experiments/bench_kernels.py's tokamax rows. Run here, where pip reaches the registry; the GPU machine cannot.
+# experiments/bench_kernels' (flash_attention.py) tokamax rows. Run here, where pip reaches the registry; the GPU machine cannot.
 #
 # On the GPU machine (carry .whl), before the benchmark:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \

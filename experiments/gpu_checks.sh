@@ -19,5 +19,5 @@ smoke=(); [ -n "${SMOKE:-}" ] && smoke=(--smoke)
 python3 -c 'import jax; print("jax", jax.__version__, jax.devices())'
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv 2>/dev/null
 timeout 150 python3 experiments/bench_train.py "${smoke[@]}" --out "$OUT/bench_train.json" 2>&1 | tee "$OUT/bench_train.log"
-timeout 425 python3 experiments/bench_kernels.py "${smoke[@]}" --budget-s 385 --out "$OUT/bench_kernels.json" 2>&1 \
+timeout 425 python3 experiments/bench_kernels "${smoke[@]}" --budget-s 385 --out "$OUT/bench_kernels.json" 2>&1 \
   | tee "$OUT/bench_kernels.log"

@@ -405,37 +405,57 @@ def write_results(rows: list[dict[str, Any]], records: list[dict[str, Any]], out
     return StudyResults(records, rows, table, files, figures)
 
 
-def scatter_metric(ax, rows: Sequence[Mapping[str, Any]], x: str, metric: str = "val_loss") -> None:
+MARKER_SIZE_PT = 7.0
+LABEL_OFFSET_PT = (MARKER_SIZE_PT, 0.0)  # a point's label starts this far right of the point (points)
+
+
+def scatter_metric(ax, rows: Sequence[Mapping[str, Any]], x: str, metric: str = "val_loss",
+                   colors: Sequence[Any] | None = None, fontsize: float = 8) -> None:
     """Each variant as one labelled point: column `x` against the metric's mean over seeds, with error bars of
-    one standard deviation when there are several seeds. Labels of nearby points are stacked apart (a thin line
-    joins a moved label to its point), so that no two overlap."""
-    points = [(float(row[x]), float(row[f"{metric}_mean"])) for row in rows]
-    for row, (px, py) in zip(rows, points):
-        ax.errorbar(px, py, yerr=row[f"{metric}_std"], fmt="o", markersize=7, capsize=4)
-    xs = [p[0] for p in points]
-    nudge = 0.015 * ((max(xs) - min(xs)) or 1.0)  # the label starts just right of its marker
-    for row, (px, py), label_y in zip(rows, points, _label_heights(points)):
-        moved = abs(label_y - py) > 0
-        ax.annotate(row["label"], (px, py), xytext=(px + nudge, label_y), textcoords="data", fontsize=8,
-                    xycoords="data", ha="left", va="bottom",
-                    arrowprops=dict(arrowstyle="-", lw=0.5, color="grey") if moved else None)
+    one standard deviation when there are several seeds, in the marker's colour (`colors`: one per row; default
+    the axes' colour cycle). Labels are kept apart by `separate_labels`; call it again after changing the
+    figure's layout (e.g. tight_layout), which moves the points but not the labels' sizes."""
+    for i, row in enumerate(rows):
+        px, py = float(row[x]), float(row[f"{metric}_mean"])
+        std = row[f"{metric}_std"]
+        ax.errorbar(px, py, yerr=None if std in (None, "") else float(std), fmt="o", markersize=MARKER_SIZE_PT,
+                    capsize=4, color=None if colors is None else colors[i])
+        ax.annotate(row["label"], (px, py), xytext=LABEL_OFFSET_PT, textcoords="offset points", fontsize=fontsize,
+                    ha="left", va="center", arrowprops=dict(arrowstyle="-", lw=0.5, color="grey", shrinkB=4,
+                                                            relpos=(0.0, 0.5)))
     ax.grid(alpha=0.3)
+    separate_labels(ax)
 
 
-def _label_heights(points: Sequence[tuple[float, float]], near_x: float = 0.12, gap_y: float = 0.035) -> list[float]:
-    """A label height per point (data units): its own y, or lower than an earlier-placed label within `near_x` of
-    the x range and `gap_y` of the y range."""
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    x_span, y_span = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
-    placed: list[tuple[float, float]] = []
-    heights = [0.0] * len(points)
-    for i in sorted(range(len(points)), key=lambda i: -points[i][1]):
-        px, y = points[i]
-        while any(abs(px - qx) < near_x * x_span and abs(y - qy) < gap_y * y_span for qx, qy in placed):
-            y -= gap_y * y_span
-        placed.append((px, y))
-        heights[i] = y
-    return heights
+def separate_labels(ax, pad_pt: float = 1.0) -> None:
+    """Place the point labels (annotations) of `ax` in its current layout: each starts beside its point and, top
+    point first, moves down until its box clears every marker and every label placed before it by `pad_pt`; a
+    thin line joins a moved label to its point. Each axes (panel) is placed on its own."""
+    from matplotlib.text import Annotation, Text
+    from matplotlib.transforms import Bbox
+
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    pad = pad_pt * fig.dpi / 72  # display units are pixels
+    labels = [text for text in ax.texts if isinstance(text, Annotation)]
+    radius = MARKER_SIZE_PT / 2 * fig.dpi / 72
+    placed = [Bbox.from_extents(x - radius, y - radius, x + radius, y + radius)
+              for x, y in (ax.transData.transform(label.xy) for label in labels)]
+    for label in sorted(labels, key=lambda label: -ax.transData.transform(label.xy)[1]):
+        label.xyann = LABEL_OFFSET_PT
+        label.update_positions(renderer)
+        box = Text.get_window_extent(label, renderer)  # the text alone, not its line to the point
+        drop = 0.0
+        while blocker := next((other for other in placed if _overlap(box, other, pad)), None):
+            step = box.y1 - blocker.y0 + pad
+            box, drop = box.translated(0, -step), drop + step
+        placed.append(box)
+        label.xyann = (LABEL_OFFSET_PT[0], LABEL_OFFSET_PT[1] - drop * 72 / fig.dpi)
+        label.arrow_patch.set_visible(drop > 0)
+
+
+def _overlap(box, other, pad: float) -> bool:
+    return box.x0 < other.x1 and other.x0 < box.x1 and box.y0 < other.y1 + pad and other.y0 < box.y1 + pad
 
 
 def main(study: Study, argv: Sequence[str] | None = None, *, reports: Mapping[str, ReportFn] | None = None,

@@ -34,7 +34,7 @@ import os
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-from nbsetup import OUT, REPO, SMOKE, save
+from nbsetup import OUT, REPO, SMOKE, save, shown
 
 STUDY_DIR = REPO / "experiments" / "deconstructing_attention"
 SMOKE_VARIANTS = 1  # the smoke grid's first variants (each is a 6-layer model: seconds apiece)
@@ -42,7 +42,7 @@ SAVED = [REPO / "runs" / "deconstructing_attention-cpu", STUDY_DIR / "results"] 
 DECON_OUT = Path(os.environ.get("ATTNZOO_DECON_OUT") or (OUT / "deconstructing_attention" if SMOKE else next(
     (out for out in SAVED if (out / "results.csv").exists()), SAVED[0])))
 available = importlib.util.find_spec("experiments.deconstructing_attention") is not None
-print(f"study package: {'found' if available else 'NOT FOUND'} ({STUDY_DIR}); results from {DECON_OUT}")
+print(f"study package: {'found' if available else 'NOT FOUND'} ({shown(STUDY_DIR)}); results from {shown(DECON_OUT)}")
 
 # %%
 if SMOKE and available:
@@ -58,7 +58,7 @@ elif SMOKE:
 
 have_results = (DECON_OUT / "results.csv").exists()
 if not have_results:
-    print(f"no results in {DECON_OUT}: run `python experiments/deconstructing_attention/run.py --scale cpu` "
+    print(f"no results in {shown(DECON_OUT)}: run `python experiments/deconstructing_attention/run.py --scale cpu` "
           f"(or set ATTNZOO_DECON_OUT); the cells below show nothing until then")
 
 # %% [markdown]

@@ -1,13 +1,23 @@
 """Execute a jupytext percent-format notebook (`notebooks/NN_name.py`) top to bottom and write it as an .ipynb with
-its outputs (printed text, and the figure or value a cell ends with), without Jupyter or a kernel:
+its outputs (printed text, and the figure or value a cell ends with), without Jupyter or a kernel. Needs jupytext
+(`pip install -e ".[notebooks]"`).
 
-    python notebooks/execute.py notebooks/01_compare_attention.py            # real mode -> 01_compare_attention.ipynb
-    python notebooks/execute.py notebooks/[0-9][0-9]_*.py --smoke --out-dir /tmp/nb   # smoke mode, as the tests
+Regenerate the committed notebooks (real mode, the `cpu` scale; rewrites their figures in notebooks/figures/).
+Notebooks 01 and 03 train the runs that `runs/compare` does not hold yet (for an empty cache, about 8 and 4 minutes
+on a busy 2-core CPU; a cached run made by other code than the checkout's stops the notebook: remove runs/compare
+and run again); 02 reads the study's saved results:
 
-Cells run in one namespace, in this process, with the notebook's directory as the working directory. A cell that
-raises stops the notebook: the .ipynb is still written (with the traceback as that cell's error output) and the
-command exits with status 1. With Jupyter installed, `jupytext --to ipynb --execute notebooks/NN_name.py` does the
-same through a kernel.
+    python notebooks/execute.py notebooks/01_compare_attention.py notebooks/02_deconstructing_attention.py \
+        notebooks/03_compose_hybrid.py
+
+Smoke mode, as the tests run it (tiny models, seconds; figures and .ipynb go to --out-dir):
+
+    python notebooks/execute.py notebooks/[0-9][0-9]_*.py --smoke --out-dir /tmp/nb
+
+The .py file is the source: edit it, then regenerate its .ipynb (tests/test_notebooks.py checks that the cells of
+each committed .ipynb are the jupytext conversion of its .py). Cells run in one namespace, in this process, with
+the notebook's directory as the working directory. A cell that raises stops the notebook: the .ipynb is still
+written (with the traceback as that cell's error output) and the command exits with status 1.
 """
 
 from __future__ import annotations
@@ -17,40 +27,14 @@ import ast
 import base64
 import contextlib
 import io
-import json
 import os
 import sys
 import traceback
 from pathlib import Path
 from typing import Any
 
-CELL_MARKER = "# %%"
-HEADER_FENCE = "# ---"
-
-
-def parse_cells(source: str) -> list[dict[str, Any]]:
-    """The notebook's cells: [{"cell_type": "code" | "markdown", "source": text}], jupytext percent format (the
-    leading `# ---` metadata block dropped; markdown lines lose their `# ` prefix)."""
-    lines = source.splitlines()
-    if lines and lines[0] == HEADER_FENCE:
-        end = lines.index(HEADER_FENCE, 1)
-        lines = lines[end + 1:]
-    cells, current = [], None
-    for line in lines:
-        if line.startswith(CELL_MARKER):
-            current = {"cell_type": "markdown" if "[markdown]" in line else "code", "lines": []}
-            cells.append(current)
-        elif current is not None:
-            current["lines"].append(line)
-    parsed = []
-    for cell in cells:
-        body = cell["lines"]
-        if cell["cell_type"] == "markdown":
-            body = [line[2:] if line.startswith("# ") else line.lstrip("#") for line in body]
-        text = "\n".join(body).strip("\n")
-        if text:
-            parsed.append({"cell_type": cell["cell_type"], "source": text})
-    return parsed
+import jupytext
+import nbformat
 
 
 def _display(value: Any) -> dict[str, Any] | None:
@@ -64,7 +48,8 @@ def _display(value: Any) -> dict[str, Any] | None:
     return {"text/plain": repr(value)}
 
 
-def run_cell(source: str, namespace: dict[str, Any], filename: str) -> tuple[list[dict[str, Any]], bool]:
+def run_cell(source: str, namespace: dict[str, Any], filename: str,
+             execution_count: int | None = None) -> tuple[list[dict[str, Any]], bool]:
     """Execute one code cell; (its outputs in nbformat 4, whether it raised)."""
     stdout = io.StringIO()
     outputs: list[dict[str, Any]] = []
@@ -83,46 +68,41 @@ def run_cell(source: str, namespace: dict[str, Any], filename: str) -> tuple[lis
     if stdout.getvalue():
         outputs.insert(0, {"output_type": "stream", "name": "stdout", "text": stdout.getvalue()})
     if data is not None:
-        outputs.append({"output_type": "execute_result", "data": data, "metadata": {}, "execution_count": None})
+        outputs.append({"output_type": "execute_result", "data": data, "metadata": {},
+                        "execution_count": execution_count})
     return outputs, failed
 
 
 def execute(notebook: Path, ipynb: Path) -> bool:
     """Run `notebook` and write `ipynb`; True when every cell ran."""
     notebook = notebook.resolve()
-    cells = parse_cells(notebook.read_text())
+    document = jupytext.read(notebook)  # the cells as `jupytext --to ipynb` converts them
+    document.metadata.update(kernelspec={"name": "python3", "display_name": "Python 3", "language": "python"},
+                             language_info={"name": "python"})
     namespace: dict[str, Any] = {"__name__": "__main__", "__file__": str(notebook)}
     previous_dir, previous_path = Path.cwd(), list(sys.path)
     os.chdir(notebook.parent)
     sys.path.insert(0, str(notebook.parent))  # as `python notebook.py` and Jupyter see it
     ok, count = True, 0
     try:
-        for number, cell in enumerate(cells):
-            cell["id"] = f"cell-{number}"
-            cell["metadata"] = {}
-            if cell["cell_type"] != "code" or not ok:
-                if cell["cell_type"] == "code":
-                    cell.update(outputs=[], execution_count=None)
+        for number, cell in enumerate(document.cells):
+            cell.id = f"cell-{number}"  # stable ids: regenerating changes only what the outputs changed
+            if cell.cell_type != "code" or not ok:
                 continue
             count += 1
-            cell["outputs"], failed = run_cell(cell["source"], namespace, f"{notebook.name} cell {number}")
-            cell["execution_count"] = count
+            outputs, failed = run_cell(cell.source, namespace, f"{notebook.name} cell {number}", count)
+            cell.outputs, cell.execution_count = [nbformat.from_dict(output) for output in outputs], count
             if failed:
                 ok = False
-                print(f"{notebook.name}: cell {number} raised:\n" +
-                      "\n".join(cell["outputs"][-1]["traceback"]), file=sys.stderr)
+                print(f"{notebook.name}: cell {number} raised:\n" + "\n".join(outputs[-1]["traceback"]),
+                      file=sys.stderr)
     finally:
         os.chdir(previous_dir)
         sys.path[:] = previous_path
         for name, module in list(sys.modules.items()):  # helpers beside the notebook start fresh for the next
             if Path(getattr(module, "__file__", None) or "/").parent == notebook.parent:
                 del sys.modules[name]
-    for cell in cells:
-        cell["source"] = cell["source"].splitlines(keepends=True)
-    document = {"cells": cells, "nbformat": 4, "nbformat_minor": 5,
-                "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
-                             "language_info": {"name": "python"}}}
-    ipynb.write_text(json.dumps(document, indent=1) + "\n")
+    nbformat.write(document, ipynb)
     return ok
 
 

@@ -37,4 +37,9 @@ def save(fig, name: str):
     return fig
 
 
-print(f"{'smoke' if SMOKE else 'real'} mode: scale {SCALE}, runs in {OUT}, figures in {FIGURES}")
+def shown(path: Path) -> str:
+    """`path` relative to the checkout where it lies inside it (no machine's absolute paths in saved outputs)."""
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+print(f"{'smoke' if SMOKE else 'real'} mode: scale {SCALE}, runs in {shown(OUT)}, figures in {shown(FIGURES)}")

@@ -7,18 +7,20 @@
     block_sparse_attention(q, k, v, kv_block_indices, kv_block_counts, *, block_q, block_k, implementation)
                                                                      triton, xla
 
-Importing the package (or `pallas_kernels.ops`) imports no kernel module and not jax.experimental.pallas: the
-backends load on first use. The op functions are bound at import, from their light api modules, because their
-subpackages share their names: a later submodule import would otherwise leave the attribute the subpackage. The
-rest loads lazily (PEP 562).
+Importing the package (or `pallas_kernels.ops`) imports no op module and not jax.experimental.pallas: an op's api
+module loads when its function is first looked up (`pallas_kernels.flash_attention`), a backend when it first runs,
+the other names of `__all__` on first use (PEP 562).
+
+Each op function shares its name with its subpackage, and the package attribute stays the function: to reach a
+submodule, write `from pallas_kernels.flash_attention import reference` (`import pallas_kernels.flash_attention.api
+as m` looks the attribute up, finds the function, and fails).
 """
 
 import importlib
+import sys
+import types
 
-from pallas_kernels.block_sparse_attention.api import block_sparse_attention
-from pallas_kernels.chunked_linear_attention.api import chunked_linear_attention
-from pallas_kernels.decode_attention.api import decode_attention
-from pallas_kernels.flash_attention.api import flash_attention
+_OPS = ("block_sparse_attention", "chunked_linear_attention", "decode_attention", "flash_attention")
 
 _LAZY = {
     "available": "pallas_kernels.ops",
@@ -32,7 +34,33 @@ _LAZY = {
     "transpose_block_indices": "pallas_kernels.block_sparse_attention.api",
 }
 
-__all__ = ["block_sparse_attention", "chunked_linear_attention", "decode_attention", "flash_attention", *_LAZY]
+__all__ = [*_OPS, *_LAZY]
+
+
+class _OpFunction:
+    """The package attribute `op`: the function of `pallas_kernels.<op>.api`, imported on first lookup.
+
+    A data descriptor (it defines `__set__`) because importing the subpackage `pallas_kernels.<op>` makes the import
+    system run `setattr(pallas_kernels, op, <subpackage>)`, which would otherwise shadow the function. That binding is
+    ignored; any other value (a test's spy) replaces the function."""
+
+    def __init__(self, op: str):
+        self.op = op
+
+    def __get__(self, package, owner=None):
+        if package is None:
+            return self
+        if self.op in vars(package):
+            return vars(package)[self.op]
+        return getattr(importlib.import_module(f"{__name__}.{self.op}.api"), self.op)
+
+    def __set__(self, package, value):
+        if not (isinstance(value, types.ModuleType) and value.__name__ == f"{__name__}.{self.op}"):
+            vars(package)[self.op] = value
+
+
+# The package module's class, so that the op names can be data descriptors.
+sys.modules[__name__].__class__ = type("_Package", (types.ModuleType,), {op: _OpFunction(op) for op in _OPS})
 
 
 def __getattr__(name: str):
@@ -44,4 +72,4 @@ def __getattr__(name: str):
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(__all__))

@@ -294,7 +294,7 @@ def test_summary_matches_closed_form(options, depth, expansion, chunk, momentum,
     """d = 32, H = 4 heads of E = 8 (K = 2 kv heads), one MLP-free layer, V = 61 (tied). lmm parameters:
     q, k, v, out-gate and o_proj 5 D H E, gates n_g H (D + 1), conv 3 H E (w + 1), M_0 H |M|, norm E. MAG adds GQA's
     D E (H + 2 K) + H E D, the N_p D persistent tokens and the gate's 2 D + D^2; MAC the same, its conv over H E
-    channels only. FLOPs as the module docstrings write them; the cache: MAG's KV per token, none for lmm / MAC."""
+    channels only. FLOPs as docs/mixers/titans_memory.md and titans.md write them; the cache: MAG's KV per token, none for lmm / MAC."""
     d, h, e, kv, vocab, n_p, window = 32, 4, 8, 2, 61, 4, 64
     n_gates = 1 + momentum + decay
     size = memory_size(e, depth, expansion)

@@ -154,7 +154,7 @@ def text_corpus(sources: str | Sequence[str], val_fraction: float = 0.05) -> Tex
     sources = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
     if not sources:
         raise ValueError(f"data: no sources given; {DATA_HELP}")
-    files = set()
+    files: set[str] = set()
     for source in map(os.fspath, sources):
         matched = _expand_source(source)
         if not matched:

@@ -127,6 +127,14 @@ def reject_unused(options: Any, names: Iterable[str], where: str) -> None:
             raise ValueError(f"{name}={getattr(options, name)!r} has no effect {where}")
 
 
+def head_counts(config: ModelConfig, options) -> tuple[int, int, int]:
+    """(query heads, kv heads, head dim) of a mixer whose options have `n_heads`, `n_kv_heads` ("all": one per
+    query head) and `head_dim`, each None for the model's default."""
+    n_heads = options.n_heads or config.n_heads
+    kv = options.n_kv_heads if options.n_kv_heads is not None else config.kv_heads
+    return n_heads, n_heads if kv == "all" else kv, options.head_dim or config.dim_per_head
+
+
 def average_context(seq_len: int, window: int | None) -> float:
     """Mean number of keys a causal query sees over positions 0..seq_len-1 (window-limited if given)."""
     w = seq_len if window is None else min(window, seq_len)

@@ -12,41 +12,19 @@ route_heads="all" shares one across every head, as BiFormer does) and with q, k 
     router="moba"     every token routes itself:  s_t[j] = sum_{h in group} < q_{t,h}, kbar_j >,   j < block(t)
                       R_t = top_k_j s_t[j]
     attention         o_t = softmax_{s in blocks R u {block(t)}, s <= t}( q_t . k_s / sqrt(E) ) v_s
-    LCE (lce_kernel)  o_t += DWConv1d_causal(v)_t   (BiFormer's LePE, side_dwconv=5 there; left padding only; the
-                      kv head's output added to each of its G query heads, before the output projection)
+    LCE (lce_kernel)  o_t += DWConv1d_causal(v)_t   (BiFormer's LePE; left padding only)
 
-The router's inputs are stop-gradient (BiFormer's diff_routing=False; MoBA's gate has no parameters) and its scores
-are float32. top_k counts routed PAST blocks only; the current block is always attended with a token-level causal
-mask (MoBA's k = top_k + 1).
+Router inputs are stop-gradient, scores float32; top_k counts routed PAST blocks only (the current block is always
+attended, token-level causal: MoBA's k = top_k + 1).
 
-Why this is causal. Key side: the pooled key of the current block holds tokens after
-t, so it is never routed to; only blocks j < block(t), complete before t, are candidates. Query side: BiFormer's
-region query mean(q over block i) holds tokens after t, so the routing of block i, and every output in it, would
-see the future; "bra" routes block i with the mean query of block i - 1 instead (a lagged router, without
-forcing block i - 1), "moba" routes each token with its own query. tests/test_mixer_bilevel_routing.py
-perturbs every token from t on and checks that no routing decision and no output before t changes.
+What differs from the papers: BiFormer routes region i with the mean query of region i itself, which would see the
+future in a causal LM, so "bra" routes with the mean query of block i - 1; only blocks complete before t are
+candidates. The image form (image_side=n: non-causal, no decode) scales logits by 1/sqrt(head_dim) (BiFormer: the
+full qk_dim) and uses the zoo's GQA projections. Packed documents (segment_ids) are not supported: the block-sparse
+kernel has no segment mask.
 
-Image form (image_side=n): BiFormer's BRA on an n x n token grid in raster order, NON-CAUSAL (an encoder-style
-mixer): regions of (n / regions_per_side)^2 tokens, region query and key = the region means of q and k, top_k regions
-per region over ALL regions (its own included), dense attention over their tokens, LCE a 'same'-padded depthwise
-Conv2d of lce_kernel x lce_kernel on V. Two deliberate differences from BiFormer's code: the logit scale is
-1/sqrt(head_dim) (BiFormer's qk_scale uses the full qk_dim), and the projections are the zoo's GQA ones (BiFormer's
-qkv Linear with K sharing V's input). No decode in this form.
-
-Compute. Attention runs through `pallas_kernels.block_sparse_attention`:
-* "bra": one call, the kernel's native format: per (batch, kv head, query block) list = routed blocks + current.
-* "moba": per-token lists are not query-block lists, so they are regrouped as MoBA's efficient path does: every
-  (token, selected block) pair becomes a query row, rows are grouped by selected block into block-aligned runs
-  (`block_aligned_groups`), each run attends its one block (a 1-entry list; causal on the true positions, which
-  masks the current block's diagonal), and each token merges its top_k + 1 partial results exactly through their
-  log-sum-exp. The regrouped queries are a gather of q ((top_k + 1) x the query rows), never of K/V.
-* decode: each new token is a query block of its own (padded to 16 rows, the Triton kernel's smallest tile) with
-  its own list over the KV cache; routing is recomputed for the new token over the cached block summaries (pooled
-  keys of completed blocks; "bra" also the lagged block queries and the running query sum of the open block).
-  A cache capacity that is not a multiple of block_size is padded per decode call (a copy): size caches in whole
-  blocks.
-
-Packed documents (segment_ids) are not supported: the block-sparse kernel has no segment mask.
+More in docs/mixers/bilevel_routing.md: why this is causal, the image form, and how each router and the decode run
+through `pallas_kernels.block_sparse_attention` (the MoBA path's block-aligned regrouping of (token, block) pairs).
 """
 
 from __future__ import annotations
@@ -60,17 +38,13 @@ import numpy as np
 from flax import nnx
 
 import pallas_kernels
-from attnzoo.cache import write_at
+from attnzoo.block_routing import block_aligned_groups, decode_block_attention, routed_context
+from attnzoo.cache import KVCache, write_at
 from attnzoo.config import ModelConfig
 from attnzoo.layers import DepthwiseConv1d
 from attnzoo.mixers.base import ForwardContext, MixerOutput, SharedParams, Supports, dtype_bytes, reject_unused
-from attnzoo.mixers.gqa import GQAOptions, GQAttention, KVCache
+from attnzoo.mixers.gqa import GQAOptions, GQAttention
 from attnzoo.registry import register
-
-# Each decoded token is a query block of its own, padded to the Triton kernel's smallest query tile.
-DECODE_ROWS = 16
-# A key position no query reaches: the causal mask (q_position >= kv_position) hides such a key.
-NEVER = 2**30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,60 +102,6 @@ class BilevelRoutingOptions:
                           qk_norm=self.qk_norm, rope=self.rope)
 
 
-class BlockLayout(NamedTuple):
-    """Rows grouped by an integer key into runs that each start on a block boundary (see `block_aligned_groups`)."""
-
-    slot_BN: jax.Array  # int32: the slot of each row
-    row_BM: jax.Array  # int32: the row in each slot, -1 for padding
-    group_BQ: jax.Array  # int32: the group of each block of slots, num_groups for unused blocks
-    first_block_BQ: jax.Array  # int32: the first block of that group's run
-
-
-def block_aligned_groups(group_BN, num_groups: int, block: int) -> BlockLayout:
-    """Lay out N rows per batch row so that the rows of each group (ids in [0, num_groups)) are contiguous, in row
-    order, in a run that starts on a multiple of `block` (padded to whole blocks), runs in group order. M, the static
-    slot count, bounds sum_g ceil(n_g / block) <= ceil(N / block) + min(N, num_groups) - 1 blocks."""
-    b, n = group_BN.shape
-    m = block * (-(-n // block) + min(n, num_groups) - 1)
-    order_BN = jnp.argsort(group_BN, axis=-1, stable=True).astype(jnp.int32)
-    sorted_BN = jnp.take_along_axis(group_BN, order_BN, axis=-1)
-    counts_BG = jax.vmap(lambda g: jnp.bincount(g, length=num_groups))(group_BN).astype(jnp.int32)
-    blocks_BG = -(-counts_BG // block)
-    block_start_BG = jnp.cumsum(blocks_BG, axis=-1) - blocks_BG
-    row_start_BG = jnp.cumsum(counts_BG, axis=-1) - counts_BG
-    rank_BN = jnp.arange(n) - jnp.take_along_axis(row_start_BG, sorted_BN, axis=-1)
-    slot_sorted_BN = jnp.take_along_axis(block_start_BG, sorted_BN, axis=-1) * block + rank_BN
-    batch = jnp.arange(b)[:, None]
-    slot_BN = jnp.zeros((b, n), jnp.int32).at[batch, order_BN].set(slot_sorted_BN)
-    row_BM = jnp.full((b, m), -1, jnp.int32).at[batch, slot_sorted_BN].set(order_BN)
-    first_row_BQ = row_BM[:, ::block]  # a used block's first slot always holds a row
-    group_BQ = jnp.where(first_row_BQ >= 0, jnp.take_along_axis(group_BN, jnp.maximum(first_row_BQ, 0), axis=-1),
-                         num_groups)
-    first_block_BQ = jnp.take_along_axis(block_start_BG, jnp.minimum(group_BQ, num_groups - 1), axis=-1)
-    return BlockLayout(slot_BN, row_BM, group_BQ.astype(jnp.int32), first_block_BQ.astype(jnp.int32))
-
-
-def decode_block_attention(q_BTHE, k_BSKE, v_BSKF, ids_BKTM, counts_BKT, positions_BT, *, block_k: int,
-                           kv_positions_BS=None, implementation="auto"):
-    """The T new tokens against the cache, each with its own list of cache blocks (`ids_BKTM[..., :counts]`) and a
-    causal mask on `positions_BT` vs `kv_positions_BS` (default: the cache row index; pass NEVER to hide a row).
-    Each token is a query block of DECODE_ROWS rows (the others hidden); the cache is padded to whole blocks."""
-    b, t, h, e = q_BTHE.shape
-    s = k_BSKE.shape[1]
-    pad = -s % block_k
-    if pad:
-        k_BSKE, v_BSKF = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (k_BSKE, v_BSKF))
-        if kv_positions_BS is not None:  # (by default the padding rows sit after every query)
-            kv_positions_BS = jnp.pad(kv_positions_BS, ((0, 0), (0, pad)), constant_values=NEVER)
-    q_rows = jnp.zeros((b, t, DECODE_ROWS, h, e), q_BTHE.dtype).at[:, :, 0].set(q_BTHE)
-    q_positions = jnp.full((b, t, DECODE_ROWS), -1, jnp.int32).at[:, :, 0].set(positions_BT)
-    out = pallas_kernels.block_sparse_attention(
-        q_rows.reshape(b, t * DECODE_ROWS, h, e), k_BSKE, v_BSKF, ids_BKTM, counts_BKT, block_q=DECODE_ROWS,
-        block_k=block_k, causal=True, q_positions_BT=q_positions.reshape(b, -1), kv_positions_BS=kv_positions_BS,
-        implementation=implementation)
-    return out.reshape(b, t, DECODE_ROWS, h, -1)[:, :, 0]
-
-
 def select_past_blocks(scores_BKXJ, current_BKX, top_k: int):
     """Top-k of the blocks j < current (scores of others ignored), then the current block: (lists [B, K, X,
     min(top_k, J) + 1] int32 ascending, counts [B, K, X]). Lists are padded with the current block."""
@@ -197,12 +117,6 @@ def pool_blocks(x_BSKE, block: int):
     """Float32 mean of each block of `block` rows: [B, S, ...] -> [B, S // block, ...]."""
     b, s = x_BSKE.shape[:2]
     return x_BSKE.astype(jnp.float32).reshape(b, s // block, block, *x_BSKE.shape[2:]).mean(axis=2)
-
-
-def routed_context(seq_len: int, block: int, top_k: int) -> float:
-    """Mean keys a causal query attends: its current block up to itself plus min(top_k, past blocks) whole blocks."""
-    t = np.arange(seq_len)
-    return float(np.mean(t % block + 1 + block * np.minimum(top_k, t // block)))
 
 
 class Routing(NamedTuple):
@@ -298,7 +212,8 @@ class BilevelRoutingAttention(GQAttention):
 
     # -- attention ---------------------------------------------------------------------------------------------
     def _attend_moba(self, q_BTHE, k_BTKE, v_BTKE, routing: Routing):
-        """Per-token lists through the kernel: (token, block) pairs regrouped by block (see the module docstring)."""
+        """Per-token lists through the kernel: (token, block) pairs regrouped by block (see
+        docs/mixers/bilevel_routing.md, "Compute")."""
         b, t, h, e = q_BTHE.shape
         kr = routing.lists.shape[1]  # routings: K or 1
         slots = routing.lists.shape[-1]

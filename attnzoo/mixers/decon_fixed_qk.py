@@ -32,10 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from attnzoo.cache import KVCache
 from attnzoo.config import ModelConfig
 from attnzoo.mixers.base import SIDE_STREAM, ForwardContext, SharedParams, reject_unused
 from attnzoo.mixers.decon_static_emb_qk import DecoupledQKAttention
-from attnzoo.mixers.gqa import GQAOptions, KVCache
+from attnzoo.mixers.gqa import GQAOptions
 from attnzoo.registry import get_mixer, register
 
 SOURCES = ("random", "text")

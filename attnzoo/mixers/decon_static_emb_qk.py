@@ -18,10 +18,11 @@ import dataclasses
 import jax.numpy as jnp
 from flax import nnx
 
+from attnzoo.cache import KVCache
 from attnzoo.config import ModelConfig
 from attnzoo.layers import RMSNorm, softmax_map
 from attnzoo.mixers.base import ForwardContext, MixerOutput, SharedParams
-from attnzoo.mixers.gqa import GQAOptions, GQAttention, KVCache
+from attnzoo.mixers.gqa import GQAOptions, GQAttention
 from attnzoo.registry import register
 
 

@@ -45,9 +45,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from attnzoo.cache import KVCache
 from attnzoo.config import ModelConfig
 from attnzoo.mixers.base import ForwardContext, MixerOutput, SharedParams
-from attnzoo.mixers.gqa import GQAOptions, GQAttention, KVCache
+from attnzoo.mixers.gqa import GQAOptions, GQAttention
 from attnzoo.registry import register
 
 ACTIVATIONS = {

@@ -14,12 +14,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from attnzoo.attention import attention, cached_attention
-from attnzoo.cache import write_at
+from attnzoo.cache import KVCache
 from attnzoo.config import ModelConfig
 from attnzoo.diagnostics import attention_diagnostics
 from attnzoo.layers import RMSNorm, RopeScaling, apply_rope, dense
@@ -31,6 +30,7 @@ from attnzoo.mixers.base import (
     Supports,
     average_context,
     dtype_bytes,
+    head_counts,
     reject_unused,
 )
 from attnzoo.registry import register
@@ -84,38 +84,13 @@ class GQAOptions:
                            self.rope_original_max_len)
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class KVCache:
-    """Keys and values of every past token; the model's DecodeState says how many entries are valid."""
-
-    k_BSKE: jax.Array
-    v_BSKE: jax.Array
-
-    @classmethod
-    def empty(cls, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype) -> "KVCache":
-        zeros = jnp.zeros((batch, max_len, kv_heads, head_dim), dtype)
-        return cls(zeros, zeros)
-
-    def write(self, k_BTKE, v_BTKE, at_B) -> "KVCache":
-        """The T new keys/values written at positions at_B .. at_B + T - 1 of each sequence."""
-        return KVCache(write_at(self.k_BSKE, k_BTKE, at_B), write_at(self.v_BSKE, v_BTKE, at_B))
-
-
-def heads(config: ModelConfig, opts: GQAOptions) -> tuple[int, int, int]:
-    """(query heads, kv heads, head dim) after the model's defaults."""
-    n_heads = opts.n_heads or config.n_heads
-    kv = opts.n_kv_heads if opts.n_kv_heads is not None else config.kv_heads
-    return n_heads, n_heads if kv == "all" else kv, opts.head_dim or config.dim_per_head
-
-
 @register("gqa", options=GQAOptions)
 class GQAttention(Mixer):
     supports = Supports(kernel_ops=("flash_attention", "decode_attention"))
 
     @classmethod
     def check(cls, options: GQAOptions, config: ModelConfig) -> None:
-        n_heads, n_kv_heads, head_dim = heads(config, options)
+        n_heads, n_kv_heads, head_dim = head_counts(config, options)
         if n_heads % n_kv_heads:
             raise ValueError(f"n_kv_heads={n_kv_heads} must divide n_heads={n_heads}")
         if options.rope and head_dim % 2:
@@ -125,7 +100,7 @@ class GQAttention(Mixer):
 
     def __init__(self, config: ModelConfig, options: GQAOptions, *, shared: SharedParams | None = None,
                  rngs: nnx.Rngs):
-        self.n_heads, self.n_kv_heads, self.head_dim = heads(config, options)
+        self.n_heads, self.n_kv_heads, self.head_dim = head_counts(config, options)
         self.window = options.window
         self.rope_base = config.rope_base if options.rope else None
         self.rope_scaling = options.rope_frequency_scaling()

@@ -80,8 +80,7 @@ from flax import nnx
 import pallas_kernels
 from attnzoo.config import ModelConfig
 from attnzoo.layers import NORMALIZER_EPS, RMSNorm, apply_rope, dense, taylor2_features
-from attnzoo.mixers.base import ForwardContext, Mixer, MixerOutput, SharedParams, Supports
-from attnzoo.mixers.gqa import heads
+from attnzoo.mixers.base import ForwardContext, Mixer, MixerOutput, SharedParams, Supports, head_counts
 from attnzoo.registry import register
 
 FEATURE_MAPS = ("identity", "elu1", "silu", "taylor2")
@@ -249,7 +248,7 @@ class LinearAttention(Mixer):
 
     @classmethod
     def check(cls, options: LinearAttentionOptions, config: ModelConfig) -> None:
-        n_heads, n_kv_heads, head_dim = heads(config, options)
+        n_heads, n_kv_heads, head_dim = head_counts(config, options)
         if n_heads % n_kv_heads:
             raise ValueError(f"n_kv_heads={n_kv_heads} must divide n_heads={n_heads}")
         qk_dim = qk_width(options, head_dim)
@@ -259,7 +258,7 @@ class LinearAttention(Mixer):
 
     def __init__(self, config: ModelConfig, options: LinearAttentionOptions, *, shared: SharedParams | None = None,
                  rngs: nnx.Rngs):
-        self.n_heads, self.n_kv_heads, self.head_dim = heads(config, options)
+        self.n_heads, self.n_kv_heads, self.head_dim = head_counts(config, options)
         self.qk_dim = qk_width(options, self.head_dim)
         self.feature_map = options.feature_map
         self.feature_dim = feature_width(options.feature_map, self.qk_dim)

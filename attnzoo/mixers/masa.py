@@ -50,8 +50,8 @@ from flax import nnx
 
 from attnzoo.config import ModelConfig
 from attnzoo.layers import dense
-from attnzoo.mixers.base import SharedParams
-from attnzoo.mixers.gqa import GQAOptions, GQAttention, heads
+from attnzoo.mixers.base import SharedParams, head_counts
+from attnzoo.mixers.gqa import GQAOptions, GQAttention
 from attnzoo.registry import register
 
 SHARE_CHOICES = ("qkv", "qkvo")
@@ -170,7 +170,7 @@ def _dictionary_layout(config: ModelConfig, options: MASAOptions, n_masa_layers:
     # for a single MASA layer, whose one atom is just its own matrix.
     n_atoms = options.n_atoms or min(n_masa_layers, max(2, round(n_masa_layers / 3)))
     generator = options.generator_width if options.coeff_generator else None
-    return (n_atoms, options.share, *heads(config, options), generator)
+    return (n_atoms, options.share, *head_counts(config, options), generator)
 
 
 @register("masa", options=MASAOptions)

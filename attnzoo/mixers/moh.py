@@ -54,10 +54,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from attnzoo.cache import KVCache
 from attnzoo.config import ModelConfig
 from attnzoo.layers import dense
 from attnzoo.mixers.base import ForwardContext, MixerOutput, SharedParams
-from attnzoo.mixers.gqa import GQAOptions, GQAttention, KVCache
+from attnzoo.mixers.gqa import GQAOptions, GQAttention
 from attnzoo.registry import get_mixer, register
 
 

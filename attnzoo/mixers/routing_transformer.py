@@ -14,51 +14,19 @@ routing_transformer/utils.py):
       mu_c = sum_c / ((count_c + eps) / (n + C eps) n),       n = sum_c count_c        (Laplace smoothing)
     (counts start at 1 and sums at the initial means, so the first updates average into LN(randn) means)
 
-The self match, and why it is masked. Queries and keys are the same LayerNorm(x W_q) without scale, so every x has
-norm sqrt(E) (RoPE keeps it) and l_tt = sqrt(E) is the largest logit any key can reach; no parameter can lower it.
-Kept as a plain key (self_match="keep", what the official TF code does: a lower-triangular bias only), it takes
-~99% of the attention weight at initialisation at E = 64 (~65% at E = 16; measured on this mixer), and the routed
-heads mostly copy v_t. Shared-QK attention in Reformer and in the PyTorch port (lucidrains/routing-transformer,
-TOKEN_SELF_ATTN_VALUE) gives the self match a large finite negative logit instead, so a token attends itself only
-when no other key is visible (e.g. the first member of its cluster), which keeps its output finite (a -inf would
-leave nothing). Every other |l_ts| <= sqrt(E), so exp(-5e4 - l_ts) is exactly 0 in float32: the mixer computes
-"mask" as attention over V(t) without t (the causal mask compares the query's position - 1) and o_t = v_t where
-that set is empty.
+Local heads (the others): each query block of `block_size` tokens attends its own and the `local_blocks` previous
+blocks, causally (the paper's local attention, memory flange = local_blocks = 1).
 
-Local heads (the other heads): each query block of `block_size` tokens attends its own block and the `local_blocks`
-previous ones, causally: the paper's local attention with query_shape = memory_flange (local_blocks = 1). They
-have their own keys (not shared QK), so their self match stays an ordinary key.
+What differs from the paper: its clusters take the w tokens nearest to them over the whole sequence (balanced, but
+non-causal); here each token joins its own nearest centroid and a query attends the members of its cluster within
+the last `cluster_window` tokens of that cluster's members (a window in member ranks, which only past tokens set).
+The self match, the largest logit a shared-QK head can produce, is masked by default (as Reformer and the PyTorch
+port; the official TF code keeps it: self_match="keep"). Centroids (`Centroids`, not parameters) are updated only in
+training mode (`model.train()`), and travel with the training step's state and the checkpoints.
 
-The causal variant, and why. The paper balances clusters by expert choice: cluster c takes the w tokens nearest to
-it over the WHOLE sequence (top-w along the sequence axis). Whether a past token s is in a window then depends on
-the distances of later tokens, so outputs before t depend on tokens after t (the same non-causality
-Mixture-of-Depths flags for top-k). Here each token joins its own nearest centroid, a function of that token alone,
-so membership never depends on the future; balance is bounded instead by `cluster_window`: a query attends only the
-members of its cluster within the last cluster_window / block_size blocks of that cluster's members (a sliding
-window in the cluster's own order), O(n w) like the balanced version.
-The window is measured in member ranks (how many earlier tokens joined the cluster), which only past tokens set.
-Every token attends at least one key (itself when nothing else is visible), so no token gets a zero output (the
-paper's unselected tokens do).
-tests/test_mixer_routing_transformer.py perturbs tokens from t on and checks that no assignment and no output
-before t changes.
-
-Training-only centroid updates. The centroids are `Centroids` variables (an nnx.Variable, not a Param: the
-optimizer never sees them). The mixer updates them in place during its forward only when
-`use_running_average` is False, which `model.train()` sets (Flax's BatchNorm convention; the default True keeps
-every other call, evaluation, generation, the tests' eager forwards, side-effect free). attnzoo.train's step
-merges the model, calls `train()`, and returns the updated non-parameter state beside the parameters; a step skipped
-for a non-finite loss keeps the old centroids; checkpoints save them, so `--resume` continues bit-exactly. The
-update is computed from the forward's own assignments after routing, so a step routes with the centroids it
-started with. Data-parallel jit computes the batch sums over the global batch (no psum needed).
-
-Compute, through `pallas_kernels.block_sparse_attention`: routed heads are folded into the batch; each sequence's
-tokens are sorted by (cluster, position) into block-aligned runs (`block_aligned_groups`), each query block attends
-the blocks of its run inside the window (a contiguous list), and the causal mask compares the true positions
-(padding rows at a position no query reaches). Local heads are the kernel's plain band of blocks. Decode: the new
-token's cluster and rank come from the cached per-cluster sizes; its routed head attends the cache blocks holding
-members of its cluster (non-members hidden through their kv positions), one kernel call per new token with the
-routed heads folded into the batch (a transpose of the routed cache per call); with "mask" the new token's query
-also sits one position earlier and takes its own value when no earlier member is in its window.
+More in docs/mixers/routing_transformer.md: why the self match is masked, why the balanced clusters are not causal,
+the training-only updates, and how routed and local heads and the decode run through
+`pallas_kernels.block_sparse_attention`.
 """
 
 from __future__ import annotations
@@ -72,12 +40,11 @@ import numpy as np
 from flax import nnx
 
 import pallas_kernels
-from attnzoo.cache import write_at
+from attnzoo.block_routing import NEVER, block_aligned_groups, decode_block_attention, routed_context
+from attnzoo.cache import KVCache, write_at
 from attnzoo.config import ModelConfig
 from attnzoo.layers import apply_rope, dense
 from attnzoo.mixers.base import ForwardContext, Mixer, MixerOutput, SharedParams, Supports, dtype_bytes
-from attnzoo.mixers.bilevel_routing import NEVER, block_aligned_groups, decode_block_attention, routed_context
-from attnzoo.mixers.gqa import KVCache
 from attnzoo.registry import register
 
 LAPLACE_EPS = 1e-5
@@ -104,7 +71,7 @@ class RoutingTransformerOptions:
     rope: rotary positions on the attention queries and keys (routing uses the unrotated normalised queries).
     self_match: what a routed query does with its own key (its query: shared QK): "mask" (default, as Reformer and
       the PyTorch port) attends itself only when no other key is visible; "keep" (the official TF code) scores it
-      like any other key, which draws almost all the weight (see the module docstring).
+      like any other key, which draws almost all the weight (docs/mixers/routing_transformer.md).
     """
 
     n_heads: int | None = None

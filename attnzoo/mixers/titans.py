@@ -1,56 +1,30 @@
 """Titans' hybrids of the neural memory and attention: MAC (memory as context) and MAG (memory as gate); MAL is a plan.
 
 Behrouz, Zhong & Mirrokni, "Titans: Learning to Memorize at Test Time", arXiv 2501.00663, section 4. The memory is
-`attnzoo.mixers.titans_memory` (its module docstring has the update, the chunked training and the decode state);
-persistent memory (Eq. 19) is N_p learned, input-independent tokens p = [p_1 .. p_{N_p}] (`n_persistent`) that every
-query may attend to. Softmax attention runs through `attnzoo.attention` (the model's flash / decode kernels) with the
-GQA projections of `attnzoo.mixers.gqa`.
+`attnzoo.mixers.titans_memory`; persistent memory (Eq. 19) is N_p learned, input-independent tokens
+p = [p_1 .. p_{N_p}] (`n_persistent`) that every query may attend to. Softmax attention runs through
+`attnzoo.attention` with the GQA projections of `attnzoo.mixers.gqa`.
 
-MAG, "titans_mag" (Eqs. 26-28): both branches run over x~ = [p || x], the persistent tokens prepended to the layer
-input: sliding-window attention where p stays visible to every query (Fig. 3b), and the memory:
+MAG, "titans_mag" (Eqs. 26-28): both branches run over x~ = [p || x], the persistent tokens prepended to the input:
 
     y = SW-Attn*(x~)              a window of `window` tokens plus the persistent prefix (two softmax parts merged
                                   by their log-sum-exp; decode attends to [p; the window's cache rows])
     o = W_o (RMSNorm(y) * sigmoid(RMSNorm(M(x~))))     the gate "normalize y and M(x~) using learnable vector-valued
                                                         weights, followed by a non-linearity"
 
-The memory writes p's N_p rows (through its conv, gates and update) before the sequence's first token and reads
-before each token's update (titans_memory's default), so token 0 already reads a memory that holds p; only x's rows
-are read out. The memory's chunks count p's rows (a chunk boundary falls after N_p + j b tokens).
-
 MAC, "titans_mac" (Eqs. 21-25): the sequence is cut into segments of `chunk_size` tokens (the memory's chunk, so the
-memory is updated once per segment, from the segment's attention outputs). For segment S^(i) with queries
-q = x W_Q of the memory:
+memory is updated once per segment). For segment S^(i) with queries q = x W_Q of the memory:
 
     h = M_{i-1}(q)                       retrieval with the weights before the segment (chunk-start weights)
-    y = Attn([p || h || S^(i)])          causal attention inside the segment; token t sees p, h_s and x_s for
-                                         s <= t (h_s is computed from x_s, so a later h would leak the future:
-                                         the sequence is laid out p, h_0, x_0, h_1, x_1, ... under a causal mask)
+    y = Attn([p || h || S^(i)])          causal attention inside the segment, laid out p, h_0, x_0, h_1, x_1, ...
     M_i = update of M_{i-1} with keys / values / gates from y          (Eq. 24)
     o_t = W_o (RMSNorm(y_t) * sigmoid(RMSNorm(M_t(y_t))))              (Eq. 25; M_t: the memory after token t)
 
-Eq. 25 reads the memory after the segment's update (M*_t after Eq. 24's M_t); token by token the causal form of
-that is M_t, the memory with token t's own pair written, so MAC defaults to read_after_update=true
-(read_after_update=false reads M_{t-1} instead). The retrieval h reads the segment's start weights either way.
+What differs from the paper, made causal token by token: MAC's segment interleaves h_s and x_s (a later h would leak
+the future) and reads Eq. 25's memory after token t's own update (read_after_update=true by default); MAG's memory
+writes p before the sequence's first token. MAL (Eqs. 29-31) needs no code: the plan "lmm[mlp=none],gqa(window=64)".
 
-The memory's q / k / v conv acts on x (the retrieval queries); the update's keys and values and the output query come
-from y without a conv (the segment's attention already mixes neighbouring tokens). A sequence that is not a multiple
-of chunk_size ends with a padded, partial segment, so no length restriction applies. Segments depend on each other
-through the memory, so they run in a `lax.scan` (each rematerialised in the backward pass), one attention call of
-N_p + 2 chunk_size positions per segment. Decode keeps the current segment's keys / values ([B, 2 chunk_size, K, E],
-constant size) beside the memory state.
-
-MAL (Eqs. 29-31; "memory as a layer", the memory before sliding-window attention) needs no code: it is the plan
-"lmm[mlp=none],gqa(window=64)" (repeat the pair for depth), with the persistent tokens left out (the memory's learned
-M_0 stands in for them; a SWA layer has no prefix). The LMM alone is "lmm".
-
-FLOPs per token (2 per multiply-add; norms, gates' sigmoids, the persistent tokens' projections and MAG's memory
-steps over them, made once per sequence, not counted). MAG: the memory's (`lmm`) + the GQA layer's with the window +
-4 H E N_p (the prefix) + 2 D^2 (W_o). MAC, with n = N_p + 2 b the segment's attention length and b = min(chunk_size,
-seq_len): the memory's projections and chunked update (`lmm`'s count, its conv over the q channels only) + 2 D H E
-(the extra q projection of y) + 2 H |M| (h = M(q)) + 2 D H E + 2 H E D (h's read-out gate and o_proj) + n / b (2 D E
-(H + 2 K) + 4 H E avg_ctx(n)) (attention projections and scores for the segment's n positions) + 2 H E D (the
-attention's o_proj on x) + 2 D^2 (W_o).
+More in docs/mixers/titans.md: the layout of each hybrid, MAC's segments and decode cache, MAL, and the FLOPs count.
 """
 
 from __future__ import annotations
@@ -62,10 +36,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attnzoo.attention import attention, cached_attention
+from attnzoo.cache import KVCache
 from attnzoo.config import ModelConfig
-from attnzoo.layers import RMSNorm, dense
+from attnzoo.layers import RMSNorm, compiled_forward, dense
 from attnzoo.mixers.base import ForwardContext, Mixer, MixerOutput, SharedParams, Supports, average_context
-from attnzoo.mixers.gqa import GQAOptions, GQAttention, KVCache
+from attnzoo.mixers.gqa import GQAOptions, GQAttention
 from attnzoo.mixers.titans_memory import (
     Gates,
     LongTermMemory,
@@ -73,7 +48,6 @@ from attnzoo.mixers.titans_memory import (
     NeuralMemory,
     TitansMemoryCache,
     TitansMemoryOptions,
-    compiled_forward,
     from_chunks,
     mlp_apply,
     next_start,

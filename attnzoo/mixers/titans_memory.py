@@ -10,84 +10,20 @@ Per head h (H heads of width E), with q_t, k_t, v_t the head's query / key / val
     gates       theta_t = max_lr sigmoid(x_t w_theta + b), eta_t = sigmoid(x_t w_eta + b),
                 alpha_t = sigmoid(x_t w_alpha + b)       (data-dependent, per token and head)
 
-Eq. 15 writes y_t = M*(q_t) without a time index; like MAC's h_t = M*_{t-1}(q_t) (Eq. 21), retrieval reads the
-memory before the token's own update, so a token cannot look its own value up through the memory: y_t depends on
-(k_s, v_s) for s < t only. `read_after_update=true` reads M_t(q_t) instead (the token's own pair already written),
-an option for comparison (and MAC's output gate, Eq. 25, which reads the memory after the update: see titans.py).
-
 M is an MLP of `memory_depth` L >= 1 layers without biases: widths E -> E x = E * memory_expansion -> ... -> E, GELU
 between layers (L = 1: the matrix memory M(k) = k W). The initial weights M_0 are learned per head; S_0 = 0.
 q, k, v come from x as in section 4.4: linear projections, a causal depthwise conv of `d_conv` taps, SiLU, and an
 l2-normalised q and k. The head outputs go through a per-head RMSNorm and a sigmoid gate from x before o_proj.
 
-Chunked parallel training (section 3.2). t' = t - (t mod b): every gradient inside a chunk of b = `chunk_size` tokens
-is taken at the chunk's starting weights W = M_{t'-1} (mini-batch gradient descent), so all of a chunk's gradients
-are computed at once; the momentum and decay recurrences inside the chunk are linear and unrolled in closed form
-with chunk-local cumulative log-gates (LA_t = sum_{r<=t} log(1 - alpha_r), LE_t = sum_{r<=t} log eta_r):
+What the paper leaves open, decided here: retrieval reads M_{t-1}, the memory before the token's own update (as MAC's
+Eq. 21; `read_after_update=true` reads M_t); t' = t - (t mod b), the chunk's starting weights, for chunks of
+b = `chunk_size` tokens (section 3.2's mini-batch form; chunk_size = 1 is the recurrent memory), whose momentum and
+decay are unrolled in closed form and read out through TTT's dual form (Sun et al., arXiv 2407.04620); theta is
+bounded by max_lr = 0.05, since stale in-chunk gradients diverge at larger steps. The linear memory without momentum
+runs through `pallas_kernels.chunked_linear_attention`; decode is the recurrent form, equal to the chunked forward.
 
-    M_t = e^{LA_t} W + B_t S - sum_{s<=t} gamma_ts theta_s u_s,    u_s = grad l(W; k_s, v_s) = a_s^T delta_s per layer
-    gamma = D_A D_E,  D_A[t,j] = e^{LA_t - LA_j} (j <= t),  D_E[j,s] = e^{LE_j - LE_s} (s <= j),  B = D_A e^{LE}
-    S_t = e^{LE_t} S - sum_{s<=t} D_E[t,s] theta_s u_s
-
-(every exponent a difference of chunk-local sums, masked to <= 0 before exp). Outputs are token-level: token t reads
-M_{t-1}, the state after every token before it, those of its own chunk included (their gradients taken at W, as the
-paper's mini-batch form defines M_{t-1}); token 0 of a chunk reads W, the state after the previous chunk. So the
-chunk size changes the gradient points, never which tokens a read sees. M_t(q) for every position t of a chunk
-comes from the dual form of TTT (Sun et al., arXiv 2407.04620) extended with these coefficients: layer by layer,
-with h the query's hidden state under M_t and a_s, delta_s the layer input and output-gradient of key s under W,
-
-    z_t = e^{LA_t} h_t W + B_t h_t S - sum_{s<=t} gamma_ts theta_s (h_t . a_s) delta_s
-
-which is exact (the tests compare it with the token-by-token recurrence); the read before the update is the same
-form with position t - 1 fed token t's query (y_0 = W(q_0)). A `lax.scan` carries (M, S) from chunk to chunk.
-chunk_size = 1 is the fully recurrent memory; larger chunks trade the freshness of the gradient point for
-parallelism (the paper's trade-off: outputs change with b, see tests/test_mixer_titans.py).
-
-Stability, the other side of the chunk trade-off. Inside a chunk the gradients are stale (all at W), and the momentum
-S carried into the next chunk is added to M at each of its b tokens before any new gradient can correct it, so a
-key repeated through a chunk (a filler or padding token) is stepped on roughly b / (1 - eta) times as hard as in the
-recurrent form. Measured at init (E = 16, depth 2, MQAR with its repeated filler token, 64-512 tokens): theta = 0.005
-stays bounded at b = 8, theta = 0.015 diverges at b = 8, and b = 64 with momentum diverges even at theta = 0.0015,
-while E = 64 heads stay bounded at theta = 0.005 for b = 8 and 64. Hence max_lr = 0.05 by default (theta starts at
-0.1 max_lr = 0.005, eta at 0.5); keep theta * b small, or turn momentum off for long chunks. Training moves the
-gates toward that edge: on MQAR (E = 16, b = 8) the outer loss raised theta to 0.034 of max_lr 0.05 and eta to 0.94
-in MAC's first layer at step 327, where its memory diverged inside some sequences (weights 1e19 by the 7th chunk).
-
-Linear memory through the shared kernel: with L = 1 and momentum off (momentum=false), a chunk is
-M_t = (1 - alpha_t) M_{t-1} - 2 theta_t k_t^T (k_t W - v_t), i.e. `pallas_kernels.chunked_linear_attention` over
-the chunk with initial state W, values -2 theta (k W - v) and log-decay log(1 - alpha): that case runs through the op
-(the model's "chunked_linear_attention" implementation, one call per chunk inside the scan). With momentum the
-recurrence has two gates (a second-order, 2-semiseparable recurrence) and the op's single decay per head cannot
-express it; deeper memories have a non-linear inner gradient. Both run the pure-JAX chunk above: no Pallas kernel for
-the deep memory until a GPU measurement shows one pays off (KERNEL_NOTES.md, "Titans memory", has what was measured).
-
-Cost of training. The outer loss differentiates through the inner gradients (second order, like a Hessian-vector
-product): the backward of a chunk runs the chunk's forward again (each chunk is rematerialised with
-`jax.checkpoint`, so only the carried (M, S) of each chunk boundary is stored: activation memory is
-O(T / b * H * |M| + b^2 + b E x) per sequence, linear in T at a fixed b) and then its VJP, which differentiates the
-hand-written key backward once more: a training step of the memory costs the forward, the recomputed forward and a
-VJP of about twice a forward, against 3x the forward for an ordinary layer (measured on CPU at T = 2048, E = 64:
-forward + backward = 3.0x the forward at b = 16, 4.3x at b = 64; `experiments/bench_titans_memory.py --timing`).
-
-Decode (`TitansMemoryCache`): the recurrent form, one token at a time, with the state (start = W, the chunk-start
-weights where the gradients are taken; weights = M_t; momentum = S_t; float32, per head) and the conv history:
-
-    y_t = M_{t-1}(q_t)  (M_t(q_t) with read_after_update)
-    u_t = grad l(start; k_t, v_t);  S_t = eta_t S_{t-1} - theta_t u_t;  M_t = (1 - alpha_t) M_{t-1} + S_t
-    start <- M_t when t + 1 is a multiple of chunk_size
-
-so the decode equals the chunked forward at the chunk size the model was built with (1 included) at O(|M|) per
-token and a constant-size state (`cache_bytes_per_token() == 0`). A prefill of right-padded prompts stops each
-sequence's memory at its own length and keeps the start weights of the chunk its next token falls in.
-
-FLOPs per token (2 per multiply-add; gates, activations and norms not counted), with |M| = sum_l P_l Q_l the memory
-size per head (layer l maps P_l -> Q_l), |M_1| its first layer, b = min(chunk_size, seq_len):
-
-    projections 2 D H E (q, k, v, gate) 4 + 2 H E D (o_proj) + 2 D H n_gates + 2 (3 H E) d_conv (conv)
-    memory, per head: 2|M| (key forward) + 2(|M| - |M_1|) (key backward) + 2|M| (h W) + 2 b sum_l (P_l + Q_l)
-                      (intra-chunk scores and their product with delta) + 2|M| (fold into W)
-                      + with momentum: 2|M| (h S) + 2|M| (fold into S) + 2 b^2 + 2 b (gamma = D_A D_E, B)
-                      (not counted: the read of each chunk's first token at W, 2|M| per chunk)
+More in docs/mixers/titans_memory.md: the chunked closed form, the stability measurements behind max_lr, the kernel
+path, the cost of the second-order training, the decode state and the FLOPs count.
 
 Extra shape letters: P, Q a memory layer's input and output widths; T, S query and key positions inside a chunk;
 N chunks; W conv history rows (d_conv - 1); C conv channels.
@@ -96,7 +32,6 @@ N chunks; W conv history rows (d_conv - 1); C conv channels.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import NamedTuple
 
@@ -107,11 +42,12 @@ from flax import nnx
 import pallas_kernels
 from attnzoo.cache import rows_before
 from attnzoo.config import ModelConfig
-from attnzoo.layers import DepthwiseConv1d, RMSNorm, dense
+from attnzoo.layers import DepthwiseConv1d, RMSNorm, compiled_forward, dense
 from attnzoo.mixers.base import ForwardContext, Mixer, MixerOutput, SharedParams, Supports
 from attnzoo.registry import register
 
-# Gate biases at init: theta = 0.1 max_lr, eta = 0.5, alpha = 0.01 (slow forgetting); see "Stability" above.
+# Gate biases at init: theta = 0.1 max_lr, eta = 0.5, alpha = 0.01 (slow forgetting); see "Stability" in
+# docs/mixers/titans_memory.md.
 THETA_BIAS, ETA_BIAS, ALPHA_BIAS = -math.log(9.0), 0.0, -math.log(99.0)
 
 
@@ -122,7 +58,7 @@ class TitansMemoryOptions:
     chunk_size: b, tokens whose gradients share the chunk's starting weights (1: fully recurrent); decode equals the
     full forward at this b. momentum: the surprise momentum S (false: eta = 0, S_t = -theta u_t). weight_decay: the
     forget gate alpha (false: alpha = 0). max_lr: theta's upper bound, the step size on ||M(k) - v||^2 (the paper
-    gives none; larger steps with long chunks diverge, see the module docstring). d_conv: taps of the causal
+    gives none; larger steps with long chunks diverge, see docs/mixers/titans_memory.md). d_conv: taps of the causal
     depthwise conv after the q/k/v projections (none: no conv). read_after_update: token t reads M_t, the memory
     with its own pair written (false, the default: M_{t-1}, the memory before its update). The paper's ablations
     (Table 5) are memory_depth=1, d_conv=none, momentum=false, weight_decay=false."""
@@ -188,7 +124,7 @@ class KeyFactors(NamedTuple):
 
 
 class ChunkCoefficients(NamedTuple):
-    """The closed-form momentum/decay coefficients of one chunk, per [B, H] (see the module docstring)."""
+    """The closed-form momentum/decay coefficients of one chunk, per [B, H] (docs/mixers/titans_memory.md)."""
 
     weight_keep_BHT: jax.Array  # e^{LA_t}: W's weight in M_t
     into_weight_BHT: jax.Array | None  # B_t: S's weight in M_t
@@ -337,7 +273,7 @@ def memory_layer_widths(head_dim: int, depth: int, expansion: int) -> list[tuple
 
 
 def memory_flops_per_head(widths, chunk: int, momentum: bool) -> int:
-    """Forward FLOPs per token of one head's memory (see the module docstring)."""
+    """Forward FLOPs per token of one head's memory (docs/mixers/titans_memory.md, "FLOPs per token")."""
     size = sum(p * q for p, q in widths)
     flops = 2 * size + 2 * (size - widths[0][0] * widths[0][1]) + 2 * size + 2 * chunk * sum(p + q for p, q in widths)
     flops += 2 * size  # fold into W
@@ -418,27 +354,6 @@ def decode_memory(state: MemoryState, q_BTHE, k_BTHE, v_BTHE, gates: Gates, inde
         Gates(*(None if g is None else jnp.swapaxes(g, 0, 1) for g in gates)), jnp.swapaxes(index_BT, 0, 1))
     state, y_TBHE = jax.lax.scan(step, state, xs)
     return jnp.swapaxes(y_TBHE, 0, 1), state
-
-
-def compiled_forward(forward):
-    """Run a mixer's `__call__` as one `jax.jit` keyed by the module's graph and the static mode: eager callers
-    (tests, notebooks, a first `model(tokens)`) compile its scans once per shape instead of on every call; under an
-    outer jit or grad it is inlined."""
-    @functools.wraps(forward)
-    def call(self, x_BTD, ctx: ForwardContext, cache=None) -> MixerOutput:
-        graphdef, state = nnx.split(self)
-        arrays = {f.name: getattr(ctx, f.name) for f in dataclasses.fields(ctx)
-                  if f.name not in ("mode", "diagnostics")}
-        return _run_forward(graphdef, state, x_BTD, arrays, cache, forward=forward, mode=ctx.mode,
-                            diagnostics=ctx.diagnostics)
-
-    return call
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "forward", "mode", "diagnostics"))
-def _run_forward(graphdef, state, x_BTD, ctx_arrays, cache, *, forward, mode, diagnostics):
-    ctx = ForwardContext(mode=mode, diagnostics=diagnostics, **ctx_arrays)
-    return forward(nnx.merge(graphdef, state), x_BTD, ctx, cache)
 
 
 class NeuralMemory(nnx.Module):

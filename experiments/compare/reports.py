@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments.study import RUNS_DIR, scatter_metric
+from experiments.study import RUNS_DIR, scatter_metric, separate_labels
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -33,23 +33,18 @@ def _colors(rows: Sequence[Mapping[str, Any]], groups: Mapping[str, str] | None)
 
 
 def plot_frontier(rows: Sequence[Mapping[str, Any]], caption: str, groups: Mapping[str, str] | None = None):
-    """Validation loss against KV-cache bytes per token (left; the dashed line joins the Pareto-optimal plans)
-    and against parameters (right). Error bars: one standard deviation over seeds. Recurrent mixers keep a
-    constant-size state, so they sit at 0 bytes per token."""
+    """Validation loss against KV-cache bytes per token (left; black rings mark the Pareto-optimal plans, a
+    dashed line joins them) and against parameters (right). Error bars: one standard deviation over seeds.
+    Recurrent mixers keep a constant-size state, so they sit at 0 bytes per token."""
     fig, (kv_ax, params_ax) = plt.subplots(1, 2, figsize=(13, max(5.0, 0.2 * len(rows))), sharey=True)
     colors, legend = _colors(rows, groups)
     for ax, column in ((kv_ax, "kv_cache_bytes_per_token"), (params_ax, "params")):
-        scatter_metric(ax, rows, column)
-        for container, color in zip(ax.containers, colors):  # one errorbar container per row
-            data_line, caplines, barlines = container
-            for artist in (data_line, *caplines, *barlines):
-                artist.set_color(color)
-    for text in (*kv_ax.texts, *params_ax.texts):
-        text.set_fontsize(7)
-    points = [(row["kv_cache_bytes_per_token"], row["val_loss_mean"]) for row in rows]
+        scatter_metric(ax, rows, column, colors=colors, fontsize=7)
+    points = [(float(row["kv_cache_bytes_per_token"]), float(row["val_loss_mean"])) for row in rows]
     front = pareto_front(points)
-    kv_ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "k--", alpha=0.5, zorder=0,
-               label="Pareto frontier")
+    # Rings as well as the line: a frontier of one plan has no line, and its legend entry must still show.
+    kv_ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "k--", marker="o", markersize=12,
+               markerfacecolor="none", alpha=0.5, zorder=0, label="Pareto frontier")
     if groups:
         for name, color in legend.items():
             kv_ax.plot([], [], "o", color=color, label=name)
@@ -59,6 +54,8 @@ def plot_frontier(rows: Sequence[Mapping[str, Any]], caption: str, groups: Mappi
     kv_ax.set_ylabel("validation loss (nats/token)")
     fig.suptitle(caption, fontsize=9)
     fig.tight_layout()
+    for ax in (kv_ax, params_ax):  # the layout moved the points: place the labels again
+        separate_labels(ax)
     return fig
 
 
