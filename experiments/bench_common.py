@@ -12,7 +12,7 @@ import json
 import statistics
 import sys
 import time
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import numpy as np
@@ -62,6 +62,28 @@ def seconds_per_step(step, n_warmup: int, n_timed: int) -> float:
         out = step()
     jax.block_until_ready(out)
     return (time.perf_counter() - start) / n_timed
+
+
+def alternating_seconds(runs: dict[str, Callable[[], Any]], repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds of `repeats` timed calls of each run, interleaved: repeat r calls every run once, in dict order, so
+    the calls of one repeat share the machine's load. `warmup` untimed calls of each run come first (compilation).
+    A run's result is blocked on (jax arrays; anything else is returned as is)."""
+    for run in runs.values():
+        for _ in range(warmup):
+            jax.block_until_ready(run())
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            jax.block_until_ready(run())
+            seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
+def speed_ratio(seconds: list[float], baseline_seconds: list[float]) -> dict[str, float]:
+    """Speed relative to the baseline (> 1: faster) per repeat, paired by repeat: median, min and max."""
+    ratios = [base / own for own, base in zip(seconds, baseline_seconds, strict=True)]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
 
 
 def rel_err(x, ref) -> float:

@@ -405,57 +405,92 @@ def write_results(rows: list[dict[str, Any]], records: list[dict[str, Any]], out
     return StudyResults(records, rows, table, files, figures)
 
 
+def read_results(out: Path) -> tuple[list[dict[str, Any]], str]:
+    """OUT's results.csv rows as `aggregate` made them (model facts int, metrics float or None) and its caption
+    (results.md's heading): what `write_results` takes to draw the reports again without training anything."""
+    def cell(column: str, text: str) -> Any:
+        if column in MODEL_FACTS:
+            return int(text)
+        if column.endswith(("_mean", "_std")):
+            return float(text) if text else None
+        return text
+
+    with (out / RESULTS_CSV).open(newline="") as f:
+        rows = [{column: cell(column, text) for column, text in row.items()} for row in csv.DictReader(f)]
+    return rows, (out / RESULTS_MD).read_text().splitlines()[0].removeprefix("# ")
+
+
 MARKER_SIZE_PT = 7.0
-LABEL_OFFSET_PT = (MARKER_SIZE_PT, 0.0)  # a point's label starts this far right of the point (points)
+LABEL_GAP_PT = MARKER_SIZE_PT  # from a point to the near edge of its label (points)
+LABEL_SIDES = ((1, "left"), (-1, "right"))  # right of the point (left-aligned), then left of it: (x sign, ha)
 
 
 def scatter_metric(ax, rows: Sequence[Mapping[str, Any]], x: str, metric: str = "val_loss",
                    colors: Sequence[Any] | None = None, fontsize: float = 8) -> None:
     """Each variant as one labelled point: column `x` against the metric's mean over seeds, with error bars of
     one standard deviation when there are several seeds, in the marker's colour (`colors`: one per row; default
-    the axes' colour cycle). Labels are kept apart by `separate_labels`; call it again after changing the
-    figure's layout (e.g. tight_layout), which moves the points but not the labels' sizes."""
+    the axes' colour cycle). Labels are placed by `separate_labels`; call it again after changing the figure's
+    layout (e.g. tight_layout), which moves the points but not the labels' sizes."""
     for i, row in enumerate(rows):
         px, py = float(row[x]), float(row[f"{metric}_mean"])
         std = row[f"{metric}_std"]
         ax.errorbar(px, py, yerr=None if std in (None, "") else float(std), fmt="o", markersize=MARKER_SIZE_PT,
                     capsize=4, color=None if colors is None else colors[i])
-        ax.annotate(row["label"], (px, py), xytext=LABEL_OFFSET_PT, textcoords="offset points", fontsize=fontsize,
-                    ha="left", va="center", arrowprops=dict(arrowstyle="-", lw=0.5, color="grey", shrinkB=4,
-                                                            relpos=(0.0, 0.5)))
+        ax.annotate(row["label"], (px, py), xytext=(LABEL_GAP_PT, 0.0), textcoords="offset points",
+                    fontsize=fontsize, va="center", arrowprops=dict(arrowstyle="-", lw=0.5, color="grey",
+                                                                     shrinkB=MARKER_SIZE_PT / 2))
     ax.grid(alpha=0.3)
     separate_labels(ax)
 
 
-def separate_labels(ax, pad_pt: float = 1.0) -> None:
-    """Place the point labels (annotations) of `ax` in its current layout: each starts beside its point and, top
-    point first, moves down until its box clears every marker and every label placed before it by `pad_pt`; a
-    thin line joins a moved label to its point. Each axes (panel) is placed on its own."""
-    from matplotlib.text import Annotation, Text
+def separate_labels(ax, pad_pt: float = 2.0) -> None:
+    """Place the point labels (annotations) of `ax` in its current layout so that each stays inside the axes and
+    clears every marker and every label placed before it by `pad_pt`. Top point first, a label takes the first
+    free place of: beside its point (right, then left), half a label height lower, higher, a label lower, ...; a
+    thin line joins a label placed lower or higher to its point. Each axes (panel) is placed on its own; a label
+    with no free place stays right of its point."""
+    from matplotlib.text import Annotation
     from matplotlib.transforms import Bbox
 
     fig = ax.figure
     renderer = fig.canvas.get_renderer()
-    pad = pad_pt * fig.dpi / 72  # display units are pixels
+    px_per_pt = fig.dpi / 72  # display units are pixels
+    pad, radius = pad_pt * px_per_pt, MARKER_SIZE_PT / 2 * px_per_pt
+    area = ax.get_window_extent(renderer)
     labels = [text for text in ax.texts if isinstance(text, Annotation)]
-    radius = MARKER_SIZE_PT / 2 * fig.dpi / 72
-    placed = [Bbox.from_extents(x - radius, y - radius, x + radius, y + radius)
-              for x, y in (ax.transData.transform(label.xy) for label in labels)]
+    taken = [Bbox.from_extents(x - radius, y - radius, x + radius, y + radius)
+             for x, y in (ax.transData.transform(label.xy) for label in labels)]
     for label in sorted(labels, key=lambda label: -ax.transData.transform(label.xy)[1]):
-        label.xyann = LABEL_OFFSET_PT
-        label.update_positions(renderer)
-        box = Text.get_window_extent(label, renderer)  # the text alone, not its line to the point
-        drop = 0.0
-        while blocker := next((other for other in placed if _overlap(box, other, pad)), None):
-            step = box.y1 - blocker.y0 + pad
-            box, drop = box.translated(0, -step), drop + step
-        placed.append(box)
-        label.xyann = (LABEL_OFFSET_PT[0], LABEL_OFFSET_PT[1] - drop * 72 / fig.dpi)
-        label.arrow_patch.set_visible(drop > 0)
+        beside = {side: _label_box(label, side, 0.0, renderer) for side in LABEL_SIDES}
+        step = (beside[LABEL_SIDES[0]].height + pad) / 2  # half a label: the nearest free place, not a row
+        reach = int(area.height // step) + 1
+        places = [(side, k * step) for k in sorted(range(-reach, reach + 1), key=lambda k: (abs(k), k > 0))
+                  for side in LABEL_SIDES]
+        side, dy = next(((side, dy) for side, dy in places if _free(beside[side].translated(0, dy), taken, area, pad)),
+                        (LABEL_SIDES[0], 0.0))
+        taken.append(_label_box(label, side, dy / px_per_pt, renderer))
+        label.arrow_patch.set_visible(dy != 0)
+
+
+def _label_box(label, side: tuple[int, str], dy_pt: float, renderer):
+    """Put `label` on `side` of its point, `dy_pt` points higher, and return its text's box (pixels)."""
+    from matplotlib.text import Text
+
+    sign, align = side
+    label.set_horizontalalignment(align)
+    label.xyann = (sign * LABEL_GAP_PT, dy_pt)
+    label.update_positions(renderer)
+    return Text.get_window_extent(label, renderer)  # the text alone, not its line to the point
+
+
+def _free(box, taken, area, pad: float) -> bool:
+    inside = area.x0 <= box.x0 and box.x1 <= area.x1 and area.y0 <= box.y0 and box.y1 <= area.y1
+    return inside and not any(_overlap(box, other, pad) for other in taken)
 
 
 def _overlap(box, other, pad: float) -> bool:
-    return box.x0 < other.x1 and other.x0 < box.x1 and box.y0 < other.y1 + pad and other.y0 < box.y1 + pad
+    return (box.x0 < other.x1 + pad and other.x0 < box.x1 + pad
+            and box.y0 < other.y1 + pad and other.y0 < box.y1 + pad)
 
 
 def main(study: Study, argv: Sequence[str] | None = None, *, reports: Mapping[str, ReportFn] | None = None,

@@ -61,7 +61,8 @@ save(results.figures["loss_curves.png"], "01_loss_curves.png")
 # %% [markdown]
 # ## Loss against KV cache and parameters
 #
-# The dashed line joins the plans no other plan beats on both KV-cache bytes per token and loss. At this scale
+# The dashed line joins the plans no other plan beats on both KV-cache bytes per token and loss (black rings mark
+# them). At this scale
 # (a few hundred thousand tokens, one seed unless `--seeds` says more) differences of a few hundredths of a nat
 # are within seed-to-seed noise: run more seeds (`python experiments/compare/run.py --scale cpu --seeds 0 1 2`)
 # before reading an ordering into them.

