@@ -16,51 +16,18 @@ Per head h (q/k/v heads laid out as GQA: H query heads, K key/value heads, head 
     o_t = Norm(scale * q_t S_t)                  normalize=false, Norm = output_norm
     y   = (act(x W_g) * concat_h(o_h)) W_o      output_gate=act; without a gate y = concat_h(o_h) W_o
 
-Feature maps phi: identity; elu1 = elu(x) + 1 (Katharopoulos); silu (TransNormerLLM's q/k activation); taylor2 =
-[1, x / d^(1/4), vec(x x^T) / (sqrt(2 d))] on q/k projected to d = feature_dim (Based's TaylorExp), so phi(q).phi(k) =
-1 + s + s^2 / 2 with s = q.k / sqrt(d), the 2nd-order Taylor expansion of exp(s). scale = head_dim^-1/2 for identity /
-elu1 / silu (FLA's default), 1 for taylor2 (its map already carries 1/sqrt(d)); irrelevant when normalised and, up to
-the norm's eps, under an output norm.
+    phi:     identity | elu1 = elu(x) + 1 | silu | taylor2 = [1, x / d^(1/4), vec(x x^T) / (sqrt(2 d))], d = feature_dim
+    g_t[h]:  none 0 | fixed log(1 - 2^(-5-h)) | alibi -s_h (ALiBi's slopes, optionally depth-scaled)
+             | learned -softplus(a_h) | data logsigmoid(x w_h + b_h) / gate_normalizer
 
-Decays g_t[h]: none (0; `decay=none` in a plan); fixed, RetNet's multi-scale gamma_h = 1 - 2^(-5-h), h = 0..H-1;
-alibi, Lightning's lambda_h = exp(-s_h) with ALiBi's slopes s_h = 2^(-8 h / H), h = 1..H (H a power of 2; otherwise
-ALiBi's interleaving of the next power of 2), times 1 - layer_depth + 1e-5 when layer_depth = l / (L - 1) is given
-(TransNormerLLM's depth scaling: decays approach 1 in deep layers); learned, -softplus(a_h) per head; data,
-logsigmoid(x w_h + b_h) / gate_normalizer per token and head (FLA's gate; GLA's tau = 16 in simple_gla). Learned and
-data start at RetNet's gammas (a_h, b_h solved for them).
+Presets: retnet (identity, rope, fixed decay, GroupNorm, swish gate), simple_gla (identity, data decay with
+gate_normalizer 16, RMSNorm, swish gate), lightning (silu, alibi decay, SRMSNorm, identity gate), based (taylor2,
+feature_dim 16, normalised). What differs from the papers: retnet's value width is head_dim (RetNet doubles it);
+simple_gla has no short convolutions on q/k/v and its gate bias starts at RetNet's gammas; lightning's slopes are
+depth-scaled only when a plan gives layer_depth, and TransNormerLLM's LRPE is not implemented (rope=true instead).
 
-Output norms (normalize=false): rms, RMSNorm per head with one learned scale [F] shared by the heads (FLA's
-`FusedRMSNormGated` over head_v_dim); group, GroupNorm with one group per head (RetNet: mean and variance per head,
-learned scale and bias per channel [H, F]); srms, TransNormerLLM's SRMSNorm: RMS over the whole concatenated output
-[H F], no parameters. Output gates: swish (RetNet, FLA), sigmoid, identity (TransNormerLLM's U = x W_u); W_g is
-[D, H F], bias-free.
-
-Presets (aliases with fixed options; a plan may still change the others):
-  retnet      identity, rope (RetNet's rotation e^{i n theta} of q and k), decay=fixed, output_norm=group,
-              output_gate=swish. Differs from the paper: the value width is head_dim (RetNet doubles it, W_V and W_G
-              d x 2d, and halves the FFN); the parallel form's retention-score normalisations are not needed (the
-              float32 recurrence is exact and GroupNorm removes any scale).
-  simple_gla  identity, decay=data with gate_normalizer=16, output_norm=rms, output_gate=swish: FLA's defaults, but
-              without its short convolutions on q/k/v (`use_short_conv=True` there), and the gate bias starts at
-              RetNet's gammas (FLA: a default linear init, every head's decay near 2^(-1/16)).
-  lightning   silu, decay=alibi, output_norm=srms, output_gate=identity: TransNormerLLM's gated linear attention,
-              o = SRMSNorm(lightning(q, k, v)) * (x W_u), as trained with Lightning Attention-2. Differs: the
-              slopes are unscaled unless a plan gives each layer its layer_depth (a mixer does not know its depth);
-              TransNormerLLM's optional LRPE rotation is not implemented (rope=true is the rotary alternative).
-  based       taylor2 (feature_dim 16), no decay, normalised.
-
-The recurrence runs through `pallas_kernels.chunked_linear_attention` (the model's "chunked_linear_attention"
-implementation). Key/value heads are repeated to the H query heads before it, since each query head's decay makes its
-own state. Decode state (`LinearAttentionCache`): S (and z) per head, [B, H, E', F(+1)] float32, a constant size, so
-`cache_bytes_per_token() == 0`. Packed documents (`ctx.segment_ids_BT`, full and prefill; a document is a run of
-equal consecutive ids): the op resets S (and z) at each document's first token, so nothing crosses documents; a
-packed prefill leaves each prompt's last document's state. Rotary positions follow `ctx.positions_BT` (restarted per
-document by the caller in packed training).
-
-FLOPs per token (2 per multiply-add; feature maps, decay gates, gate activations and norms not counted):
-    2 D (H E_qk + K E_qk + K F) + 2 H F D (projections) + 2 D H F (output gate) + 2 D H (data decay)
-    + 4 H E' F' (state update and read-out)
-with E_qk = head_dim (feature_dim for taylor2), E' = phi's width, F' = F + 1 when normalised.
+More in docs/mixers/linear_attention.md: each feature map, decay and output norm in full, the presets, the kernel
+path (`pallas_kernels.chunked_linear_attention`), the decode state, packed documents and the FLOPs count.
 
 Extra shape letters: P = E' (feature width of phi), V = F' (value width incl. the normaliser column), X = H F (the
 heads' output, concatenated).

@@ -18,36 +18,12 @@ N = d_state:
     out        = out_proj(RMSNorm_G(y * SiLU(z)) * norm.weight)       RMS over each of the G groups of I / G channels
 
 The recurrence is the shared `pallas_kernels.chunked_linear_attention` op (q = C, k = B, v = dt x, log_decay = dt A,
-state [B, H, N, P] float32), so it runs on the XLA chunked reference or the Pallas Triton kernel as the model's
-`kernels` option says. v is built in the model's compute dtype; the decay and the state stay float32.
+state [B, H, N, P] float32). Defaults are the paper's / reference's: d_state 128, head_dim 64, chunk 256,
+dt_limit (0, inf). What differs from the reference: in_proj / out_proj use the zoo's fan-in normal init instead of
+PyTorch's uniform one, and a call shorter than the chunk runs with a smaller chunk (the result does not depend on it).
 
-Defaults are the paper's / reference's: d_state N = 128, head_dim 64, chunk 256 (the SSD chunk length; the result
-does not depend on it), dt_limit = (0, inf) (the reference's `dt_limit`, transformers' `time_step_limit`: dt is
-clamped into it after the softplus, everywhere, decode included; `dt_limit_min` / `dt_limit_max` set it).
-
-Initialisation as the reference: dt_bias = inverse softplus of dt ~ LogUniform[dt_min, dt_max] floored at
-dt_init_floor; A ~ U[A_init_min, A_init_max] per head, A_log = log A; D = 1; norm.weight = 1 (A_log, D, dt_bias in
-float32 always). in_proj / out_proj use the zoo's fan-in normal init (out_proj shrunk by 1/sqrt(2 n_layers)) instead
-of PyTorch's uniform one; conv1d keeps PyTorch's default U(-1/sqrt(d_conv), 1/sqrt(d_conv)).
-
-A call of T tokens shorter than the chunk runs the op with the smallest power of 2 >= max(T, 16) as its chunk (still
-a chunk every implementation takes when chunk_size is a power of 2 >= 16), so a decode step or a short prompt does
-not pad to 256 tokens.
-
-Decode state (`Mamba2Cache`): the last d_conv - 1 conv inputs (of xBC) and the ssm state [B, H, N, P] float32, a
-constant size (`cache_bytes_per_token() == 0`). Prefill of right-padded prompts passes the prompt lengths to the op
-(positions past a prompt's end leave its state alone) and keeps the conv window of each prompt's last inputs.
-
-Packed documents (`ctx.segment_ids_BT`, full and prefill; a document is a run of equal consecutive ids): the conv
-reads no row of another document and the op resets the state at each document's first token, so each document
-computes what it would alone. A packed prefill leaves the state and conv window of each prompt's last document.
-
-FLOPs per token (`flops_per_token`, 2 per multiply-add; biases, activations and the norm not counted), with
-Q = min(chunk_size, seq_len) the chunk length of the SSD algorithm (arXiv 2405.21060 section 6):
-
-    2 D (2I + 2GN + H) (in_proj) + 2 (I + 2GN) d_conv (conv) + 2 I D (out_proj)
-    + 2 G Q N (C B^T inside the chunk) + 2 Q I (its product with dt x) + 2 N I (the chunk state B^T (dt x))
-    + 2 N I (the state read out, C S) + 2 I (D skip and z gate)
+More in docs/mixers/mamba2.md: the kernel path, the defaults, the initialisation, the decode state, right-padded
+prefill, packed documents and the FLOPs count.
 
 Extra shape letters here: I inner channels (d_inner), N state size, P head width (head_dim), G groups,
 C conv channels (I + 2 G N), W conv history rows (d_conv - 1), S history and new rows together (W + T).

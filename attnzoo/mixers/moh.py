@@ -15,34 +15,16 @@ layer's (normed) input, H^i_t head i's attention output and W_s [h_s, d], W_r [R
     so a uniform router gives every active head weight 1, as in MHA (the default: it keeps MHA's output scale).
     Load balance over the routed heads, with P_i = mean_t p_{t,i} and f_i = the fraction of tokens that select
     head i (Eq. 7):   L_b = sum_i P_i f_i  ("paper"),   L_b = R * sum_i P_i f_i  ("code": mean(P f) * R^2).
+    router="query_norm" (MoH-LLaMA3's parameter-free router): n_{t,i} = ||x_t W_q^i|| over the routed heads,
+    p_t = Softmax(n_t / std(n_t)); g = 1 for shared and selected routed heads, else 0 (straight-through in training).
 
-The loss gets balance_coef * L_b averaged over this model's MoH layers (Eq. 8 with beta = 0.01, aggregated as the
-released code does: loss += 0.01 * mean over layers), so each layer returns balance_coef * L_b / n_moh_layers as its
-aux_loss, over the tokens of a "full" (training / scoring) call; prefill and decode add none. Padding is left out
-of P_i and f_i where the context says which tokens are padding: with `ctx.lengths_B` in "full" mode (right-padded
-sequences, token t of sequence b real iff t < lengths_B[b]). Without it every token counts (the model's "full"
-forward passes no lengths today, so a padded training batch still averages over its padding). As in the code:
-h_s = 1 has no W_s (s = 1), no shared heads (h_s = 0) means no W_h (g = the routed weights), and two_stage=false
-drops W_h (a1 = a2 = 1, the paper's "w/o two-stage routing" ablation). Shared heads are heads 0..h_s-1; heads are
-laid out like GQA (n_kv_heads key/value heads, query head i reads kv head i // (n_heads / n_kv_heads)), with RoPE.
-The router names map to the released code's: router_routed = wg, router_shared = wg_1, router_stage = wg_0.
+Each layer's aux_loss is balance_coef * L_b / n_moh_layers (Eq. 8, beta = 0.01, averaged over the MoH layers as the
+released code does), on "full" calls only. What differs from the paper: scaling="code" by default; every head is
+computed for every token and unrouted heads get weight 0 (exact, no speedup), the weights applied in the flash
+kernel's output-gate epilogue.
 
-router="query_norm" is MoH-LLaMA3's parameter-free router (continue-tuning a pretrained model; released inference
-code): the routing logits are the L2 norms of the routed heads' queries x W_q^i (before QK-norm and RoPE), divided
-by their standard deviation across those heads (unbiased, as torch.std), p_t = Softmax over them, and the gates are
-0/1: shared heads 1, routed heads 1 when in TopK(p_t), else 0 (no reweighting: two_stage does not apply, and
-scaling only sets L_b's scale). Training passes the gradient through the hard gates straight-through,
-g = m + p - stop_gradient(p) with m the 0/1 top-K mask (value m, gradient of p), and L_b uses this p. It has no
-router weights.
-
-Compute: every head is computed for every token and unrouted heads get weight 0 (exact, no speedup). The weights
-go into the flash kernel's output-gate epilogue (`attention(..., gate_BTH=g)`), so routing costs no extra pass
-over the attention output; decode multiplies `cached_attention`'s [B, T, H, E] output by g (cheap at small T).
-Real head skipping could save only per-(query, head) work: that head's query projection rows, its q.k / p.v rows
-and its W_O^i columns. K and V must still be projected and cached for every head (later tokens may route to it),
-so the KV cache is MHA/GQA-sized either way, and a flash kernel can skip a (query block, head) tile only when no
-query of the block selected the head, rare with per-token routing. `flops_per_token` counts what this
-implementation computes: all heads, plus the routers (2 d (R + h_s + 2) with the edge cases above).
+More in docs/mixers/moh.md: the loss's bookkeeping and padding, the layout and edge cases (h_s = 0 or 1,
+two_stage=false), the query-norm router in full, and why real head skipping would save little.
 """
 
 from __future__ import annotations
@@ -73,7 +55,7 @@ class MoHOptions(GQAOptions):
     scaling: "code" (the released code's weights and loss scale, default) or "paper" (Eqs. 5 and 7 as printed).
     balance_coef: beta, the load-balance loss coefficient (0.01 in the paper; 0 turns the loss off).
     router: "learned" (W_r, W_s, W_h: the paper's Eqs. 5-6, default) or "query_norm" (MoH-LLaMA3's parameter-free
-      router from the routed heads' query norms with 0/1 straight-through gates; module docstring).
+      router from the routed heads' query norms with 0/1 straight-through gates; docs/mixers/moh.md).
     """
 
     n_shared_heads: int | None = None
