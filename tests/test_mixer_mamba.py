@@ -1,7 +1,8 @@
-"""Mamba (S6) specifics (the registry-wide contract is in test_mixer_contract.py): the chunked scan against a
-step-by-step recurrence written here (arXiv 2312.00752 / state-spaces/mamba `mamba_simple.py`), the reference's
-initialisations, packed documents, prefill + decode with several chunks, an MLP-free stack that trains, a 4k-token
-sequence with extreme dt, the closed-form accounting and bad configs."""
+"""Mamba (S6) specifics (the registry-wide contract is in test_mixer_contract.py): both scan forms (values and
+gradients) and the layer against a step-by-step recurrence written here (arXiv 2312.00752 / state-spaces/mamba
+`mamba_simple.py`), the CPU's choice of form, the reference's initialisations, packed documents, prefill + decode
+with several chunks, an MLP-free stack that trains, a 4k-token sequence with extreme dt, the closed-form accounting
+and bad configs."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from model_checks import train_losses
+from ssm_reference import BASE, build_mixer, causal_conv1d, linear, mixer_forward, positions
 
 from attnzoo import LanguageModel, ModelConfig
 from attnzoo.mixers.base import ForwardContext
-from model_checks import train_losses
-from ssm_reference import BASE, build_mixer, causal_conv1d, linear, mixer_forward, positions
+from attnzoo.mixers.mamba import chunked_scan, selective_scan, sequential_scan
+
 
 def randomize_dynamics(mixer, seed: int):
     """Move A, dt and D off their initial values so decays far from 1 (and D) are exercised."""
@@ -67,6 +70,84 @@ def test_chunked_scan_matches_sequential_recurrence(options, chunks):
             expected, _ = reference_forward(mixer, x)
         y = mixer_forward(mixer, x, ForwardContext("full", positions(2, 13)))
         np.testing.assert_allclose(y, expected, rtol=2e-4, atol=2e-5, err_msg=f"chunk_size={chunk}")
+
+
+def step_by_step_scan(x_BTI, dt_BTI, A_IN, B_BTN, C_BTN, h_BIN, segment_ids_BT):
+    """h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t, y_t = C_t h_t, one token at a time; h restarts from 0 at each token
+    whose segment id differs from the previous token's."""
+    starts_BT = jnp.pad(segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1], [(0, 0), (1, 0)])
+
+    def step(h_BIN, inputs):
+        x_BI, dt_BI, B_BN, C_BN, start_B = inputs
+        h_BIN = jnp.where(start_B[:, None, None], 0.0, h_BIN)
+        h_BIN = jnp.exp(dt_BI[..., None] * A_IN) * h_BIN + (dt_BI * x_BI)[..., None] * B_BN[:, None]
+        return h_BIN, jnp.einsum("bin,bn->bi", h_BIN, C_BN)
+
+    h_BIN, y_TBI = jax.lax.scan(step, h_BIN, tuple(jnp.moveaxis(a, 1, 0) for a in
+                                                   (x_BTI, dt_BTI, B_BTN, C_BTN, starts_BT)))
+    return jnp.moveaxis(y_TBI, 0, 1), h_BIN
+
+
+def scan_problem():
+    """Inputs of a small scan with three packed documents across chunk boundaries, an initial state and large
+    decays: one channel at dt A ~ -20..-300 per step (the state forgotten at every step), one with sudden jumps of
+    that size among near-1 decays (where differences of cumulative sums would lose precision); and weights that make
+    a scalar loss of both outputs."""
+    b, t, i, n = 2, 13, 6, 4
+    rng = np.random.default_rng(10)
+    dt = np.log1p(np.exp(rng.normal(-0.5, 1.0, (b, t, i))))
+    dt[..., 0] = 20.0
+    dt[..., 1] = np.where(rng.random((b, t)) < 0.3, 20.0, 1e-3)
+    A_IN = -np.exp(np.log(np.arange(1, n + 1))[None] + rng.normal(0, 0.5, (i, n)))
+    args = tuple(jnp.asarray(a, jnp.float32) for a in (rng.normal(size=(b, t, i)), dt, A_IN, rng.normal(size=(b, t, n)),
+                                                       rng.normal(size=(b, t, n)), rng.normal(size=(b, i, n))))
+    segment_ids_BT = jnp.asarray([[0] * 4 + [1] * 6 + [2] * 3, [3] * 13])
+    weights = tuple(jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((b, t, i), (b, i, n)))
+    return args, segment_ids_BT, weights
+
+
+def scan_values_and_gradients(scan, problem):
+    """(y, final h) and the gradients of sum(w_y y) + sum(w_h h) with respect to x, dt, A, B, C and h0."""
+    args, segment_ids_BT, (y_weights, h_weights) = problem
+
+    def loss(*args):
+        y_BTI, h_BIN = scan(*args, segment_ids_BT=segment_ids_BT)
+        return jnp.sum(y_BTI * y_weights) + jnp.sum(h_BIN * h_weights), (y_BTI, h_BIN)
+
+    (_, outputs), grads = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6)), has_aux=True))(*args)
+    return outputs + grads
+
+
+@pytest.fixture(scope="module")
+def scan_reference():
+    problem = scan_problem()
+    return problem, scan_values_and_gradients(step_by_step_scan, problem)
+
+
+@pytest.mark.parametrize("scan, chunk", [
+    (sequential_scan, 5),  # a chunk that does not divide T = 13
+    (chunked_scan, 5),
+    pytest.param(sequential_scan, 16, marks=pytest.mark.slow),  # one chunk past T
+    pytest.param(chunked_scan, 16, marks=pytest.mark.slow),
+    pytest.param(chunked_scan, 1, marks=pytest.mark.slow),  # the recurrence itself
+], ids=lambda p: getattr(p, "__name__", p))
+def test_scan_values_and_gradients_match_step_by_step(scan_reference, scan, chunk):
+    """Both scan forms (`selective_scan` picks one per backend) against the recurrence: outputs and the gradients of
+    every input, with packed documents, an initial state and large decays (`scan_problem`)."""
+    problem, expected = scan_reference
+    got = scan_values_and_gradients(lambda *a, **kw: scan(*a, chunk_size=chunk, **kw), problem)
+    for name, value, want in zip(("y", "h", "dx", "ddt", "dA", "dB", "dC", "dh0"), got, expected):
+        # A few float32 ulps of the largest entry: tight enough to fail decays from differences of cumsums (~1e-5).
+        np.testing.assert_allclose(value, want, rtol=0, atol=2e-6 * float(jnp.abs(want).max()), err_msg=name)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the per-backend choice of the CPU")
+def test_cpu_scan_is_sequential():
+    """On CPU the layer's scan is the step-by-step form: no [B, Q, S, I, N] decays and no cumsum (XLA:CPU lowers a
+    cumsum to a reduce-window, O(Q) adds per output), which made the chunked form ~30x slower there."""
+    args, segment_ids_BT, _ = scan_problem()
+    jaxpr = str(jax.make_jaxpr(lambda *a: selective_scan(*a, chunk_size=4, segment_ids_BT=segment_ids_BT))(*args))
+    assert "cumsum" not in jaxpr and "scan" in jaxpr
 
 
 def test_initialisation_follows_the_reference():

@@ -26,15 +26,21 @@ A_log[i, n] = log(n + 1); D = 1 (A_log and D in float32 always); conv1d keeps Py
 MambaConfig defaults rescale_prenorm_residual to false: `rescale_prenorm_residual=false` gives its init.) Other
 mixers here use a fan-in normal init with residual outputs shrunk by 1/sqrt(2 n_layers).
 
-The scan (`selective_scan`) is chunked pure JAX: within a chunk of Q positions, the decay from s to t is
-exp(sum_{s<r<=t} dt_r A) per (channel, state), built from chunk-local cumulative sums of dt A (the stable segment
-sum of Mamba-2's ssd_minimal: no differences of large cumsums), every exponent <= 0 so nothing overflows; a lax.scan
-carries the [B, I, N] state across chunks, and each chunk is rematerialised in the backward pass. Memory per chunk is
-B Q^2 I N floats (`chunk_size` trades it against the sequential depth T / Q). Mamba-1 has no Pallas kernel of its
-own yet: its decay is per channel and state (I x N), while the shared chunked linear-attention kernel takes one
-scalar decay per head; expressing Mamba-1 there needs I heads of value width 1, each with its own keys B decayed per
-state n, i.e. a vector (not scalar) decay -- a different kernel (the reference's fused selective scan keeps the
-(I-tile x N) state in registers).
+The scan (`selective_scan`) is pure JAX in one of two forms, picked per backend at trace time; both rematerialise
+each chunk of `chunk_size` positions in the backward pass and agree up to float rounding:
+
+- on CPU, `sequential_scan`: the recurrence one position at a time (a lax.scan over each chunk inside a lax.scan
+  over chunks): B T I N elementwise work and residuals of one chunk, B Q I N floats;
+- elsewhere, `chunked_scan`: within a chunk of Q positions the decay from s to t is exp(sum_{s<r<=t} dt_r A) per
+  (channel, state), built from chunk-local cumulative sums of dt A (the stable segment sum of Mamba-2's
+  ssd_minimal: no differences of cumsums), every exponent <= 0 so nothing overflows, and a lax.scan carries the
+  [B, I, N] state across chunks; memory per chunk B Q^2 I N floats and Q times the sequential form's elementwise
+  work, in T / Q sequential steps instead of T.
+
+Mamba-1 has no Pallas kernel of its own yet: its decay is per channel and state (I x N), while the shared chunked
+linear-attention kernel takes one scalar decay per head; expressing Mamba-1 there needs I heads of value width 1,
+each with its own keys B decayed per state n, i.e. a vector (not scalar) decay -- a different kernel (the
+reference's fused selective scan keeps the (I-tile x N) state in registers).
 
 Decode state (`MambaCache`): the last d_conv - 1 conv inputs and the ssm state [B, I, N], a constant size (so
 `cache_bytes_per_token() == 0`). Prefill of right-padded prompts sets dt = 0 at positions >= the prompt length (the
@@ -76,7 +82,9 @@ class MambaOptions:
     dt_init: dt_proj.weight ~ U(-s, s) ("random") or = s ("constant"), s = dt_scale * dt_rank^-1/2; dt_scale (1).
     rescale_prenorm_residual: out_proj's init divided by sqrt(the model's residual branches) (true, as the reference).
     conv_bias: a bias in conv1d (true). bias: biases in in_proj and out_proj (false).
-    chunk_size: positions per chunk of the chunked scan (an implementation knob: the result does not depend on it)."""
+    chunk_size: positions per chunk of the scan (an implementation knob: the result does not depend on it); the
+    chunked form (off CPU) holds B Q^2 I N floats per chunk, the sequential one (CPU) remembers one state per chunk
+    for the backward pass."""
 
     d_state: int = 16
     d_conv: int = 4
@@ -118,45 +126,94 @@ class MambaCache:
 
 def selective_scan(x_BTI, dt_BTI, A_IN, B_BTN, C_BTN, h_BIN, *, chunk_size: int, segment_ids_BT=None):
     """y_t = sum_n C_t h_t (no D term) for h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t from h_{-1} = h_BIN; returns
-    (y [B,T,I] float32, final state [B,I,N] float32). Rows of another document (segment ids) see no state from the
-    previous one; positions with dt = 0 leave the state unchanged."""
-    b, t, i = x_BTI.shape
+    (y [B,T,I] float32, final state [B,I,N] float32). A token whose segment id differs from the previous token's
+    starts its document from a zero state; positions with dt = 0 leave the state unchanged.
+
+    On CPU `sequential_scan` (~30x faster there), elsewhere `chunked_scan`, whose Q-fold extra elementwise work
+    buys T / Q sequential steps instead of T (the module docstring)."""
+    scan = sequential_scan if jax.default_backend() == "cpu" else chunked_scan
+    return scan(x_BTI, dt_BTI, A_IN, B_BTN, C_BTN, h_BIN, chunk_size=chunk_size, segment_ids_BT=segment_ids_BT)
+
+
+def scan_chunks(x_BTI, dt_BTI, B_BTN, C_BTN, segment_ids_BT, chunk_size: int):
+    """The scan's inputs in float32 as [chunks, B, Q, ...], T padded to whole chunks of Q = min(chunk_size, T)
+    (padding has x = dt = 0: it leaves the state alone), with `starts` [chunks, B, Q]: True at each token whose
+    segment id differs from the previous token's (a document start, where the state resets)."""
+    b, t = dt_BTI.shape[:2]
     q = min(chunk_size, t)
     n_chunks = -(-t // q)
-    pad = n_chunks * q - t
-    f32 = jnp.float32
-    segments_BT = jnp.zeros((b, t), jnp.int32) if segment_ids_BT is None else segment_ids_BT.astype(jnp.int32)
+    starts_BT = jnp.zeros((b, t), bool)
+    if segment_ids_BT is not None:
+        starts_BT = starts_BT.at[:, 1:].set(segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1])
 
-    def chunks(a, mode="constant"):  # [B,T,...] -> [chunks,B,Q,...]; padding has dt = 0: it leaves the state alone
-        a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2), mode=mode)
+    def chunks(a):
+        a = jnp.pad(a, [(0, 0), (0, n_chunks * q - t)] + [(0, 0)] * (a.ndim - 2))
         return jnp.moveaxis(a.reshape(b, n_chunks, q, *a.shape[2:]), 1, 0)
 
+    f32 = jnp.float32
+    return tuple(chunks(a) for a in (x_BTI.astype(f32), dt_BTI.astype(f32), B_BTN.astype(f32), C_BTN.astype(f32),
+                                     starts_BT))
+
+
+def unchunk(y_CBQI, t: int):
+    """[chunks, B, Q, I] -> [B, T, I] without the padding."""
+    n_chunks, b, q, i = y_CBQI.shape
+    return jnp.moveaxis(y_CBQI, 0, 1).reshape(b, n_chunks * q, i)[:, :t]
+
+
+def sequential_scan(x_BTI, dt_BTI, A_IN, B_BTN, C_BTN, h_BIN, *, chunk_size: int, segment_ids_BT=None):
+    """`selective_scan` one position at a time: a lax.scan over each chunk's Q steps inside a lax.scan over chunks,
+    each chunk rematerialised in the backward pass (residuals B Q I N per chunk, not B T I N). The fastest form on
+    CPU: B T I N elementwise work, where the chunked form does Q times more (measured in KERNEL_NOTES.md)."""
+    inputs = scan_chunks(x_BTI, dt_BTI, B_BTN, C_BTN, segment_ids_BT, chunk_size)
+
+    def step(h_BIN, inputs):
+        x_BI, dt_BI, B_BN, C_BN, start_B = inputs
+        decay_BIN = jnp.where(start_B[:, None, None], 0.0, jnp.exp(dt_BI[..., None] * A_IN))
+        h_BIN = decay_BIN * h_BIN + (dt_BI * x_BI)[..., None] * B_BN[:, None]
+        return h_BIN, jnp.einsum("bin,bn->bi", h_BIN, C_BN)
+
+    @jax.checkpoint
+    def chunk_step(h_BIN, inputs):
+        # unroll=1: unrolled steps run up to 1.5x faster but compile 5-10x slower in the backward pass.
+        h_BIN, y_QBI = jax.lax.scan(step, h_BIN, tuple(jnp.moveaxis(a, 1, 0) for a in inputs))
+        return h_BIN, jnp.moveaxis(y_QBI, 0, 1)
+
+    h_BIN, y_CBQI = jax.lax.scan(chunk_step, h_BIN.astype(jnp.float32), inputs)
+    return unchunk(y_CBQI, x_BTI.shape[1]), h_BIN
+
+
+def chunked_scan(x_BTI, dt_BTI, A_IN, B_BTN, C_BTN, h_BIN, *, chunk_size: int, segment_ids_BT=None):
+    """`selective_scan` as chunked quadratic forms: within a chunk of Q positions the decay from s to q is
+    exp(sum_{s<r<=q} dt_r A) per (channel, state), built from chunk-local cumulative sums of masked copies of dt A
+    (the stable segment sum of Mamba-2's ssd_minimal: a difference cs_q - cs_s of one cumsum loses up to ~1e-4
+    relative after a large decay step, KERNEL_NOTES.md), masked to -inf before exp outside s <= q in one document,
+    so every exponent is <= 0 and nothing overflows; a lax.scan carries the [B, I, N] state across chunks. Memory
+    per chunk: B Q^2 I N floats."""
+    inputs = scan_chunks(x_BTI, dt_BTI, B_BTN, C_BTN, segment_ids_BT, chunk_size)
+    q = inputs[0].shape[2]
     causal_QS = jnp.tril(jnp.ones((q, q), bool))
     strictly_below_QS = jnp.tril(jnp.ones((q, q), bool), -1)
 
     @jax.checkpoint  # keep one chunk's B Q^2 I N decays alive at a time, in the backward pass too
-    def chunk_step(carry, inputs):
-        h_BIN, previous_segment_B = carry
-        x_BQI, dt_BQI, B_BQN, C_BQN, segments_BQ = inputs
+    def chunk_step(h_BIN, inputs):
+        x_BQI, dt_BQI, B_BQN, C_BQN, starts_BQ = inputs
         log_decay_BQIN = dt_BQI[..., None] * A_IN  # <= 0
-        # exp(sum_{s<r<=t} dt_r A) for s <= t in one document: cumsums of masked copies, never differences.
         segment_sum_BQSIN = jnp.cumsum(
             jnp.where(strictly_below_QS[None, :, :, None, None], log_decay_BQIN[:, :, None], 0.0), axis=1)
-        within_BQS = causal_QS & (segments_BQ[:, :, None] == segments_BQ[:, None, :])
+        resets_BQ = jnp.cumsum(starts_BQ, axis=1)  # documents started in this chunk up to each position
+        within_BQS = causal_QS & (resets_BQ[:, :, None] == resets_BQ[:, None, :])
         decay_BQSIN = jnp.exp(jnp.where(within_BQS[..., None, None], segment_sum_BQSIN, -jnp.inf))
         u_BSI = dt_BQI * x_BQI
         y_BQI = jnp.einsum("bqn,bsn,bqsin,bsi->bqi", C_BQN, B_BQN, decay_BQSIN, u_BSI)
-        # The state carried in: decayed from the chunk start, for the rows of the document it belongs to.
-        continues_BQ = segments_BQ == previous_segment_B[:, None]
-        carried_BQIN = jnp.where(continues_BQ[..., None, None], jnp.exp(jnp.cumsum(log_decay_BQIN, axis=1)), 0.0)
+        # The state carried in, decayed from the chunk start, for the positions before the chunk's first reset.
+        carried_BQIN = jnp.where((resets_BQ == 0)[..., None, None], jnp.exp(jnp.cumsum(log_decay_BQIN, axis=1)), 0.0)
         y_BQI = y_BQI + jnp.einsum("bqn,bqin,bin->bqi", C_BQN, carried_BQIN, h_BIN)
         h_BIN = carried_BQIN[:, -1] * h_BIN + jnp.einsum("bsin,bsi,bsn->bin", decay_BQSIN[:, -1], u_BSI, B_BQN)
-        return (h_BIN, segments_BQ[:, -1]), y_BQI
+        return h_BIN, y_BQI
 
-    inputs = (chunks(x_BTI.astype(f32)), chunks(dt_BTI.astype(f32)), chunks(B_BTN.astype(f32)),
-              chunks(C_BTN.astype(f32)), chunks(segments_BT, mode="edge"))
-    (h_BIN, _), y_CBQI = jax.lax.scan(chunk_step, (h_BIN.astype(f32), segments_BT[:, 0]), inputs)
-    return jnp.moveaxis(y_CBQI, 0, 1).reshape(b, n_chunks * q, i)[:, :t], h_BIN
+    h_BIN, y_CBQI = jax.lax.scan(chunk_step, h_BIN.astype(jnp.float32), inputs)
+    return unchunk(y_CBQI, x_BTI.shape[1]), h_BIN
 
 
 def torch_linear(d_in: int, d_out: int, *, use_bias: bool, scale: float = 1.0, dtype, param_dtype,
@@ -177,7 +234,7 @@ def residual_branches(config: ModelConfig) -> int:
 @register("mamba", options=MambaOptions)
 class Mamba(Mixer):
     supports = Supports(decode=True, multi_token_decode=True, kernel_ops=())
-    inert_options = {"chunk_size": "the chunk length of the chunked scan: the same result up to float rounding"}
+    inert_options = {"chunk_size": "the chunk length of the scan: the same result up to float rounding"}
 
     def __init__(self, config: ModelConfig, options: MambaOptions, *, shared: SharedParams | None = None,
                  rngs: nnx.Rngs):
