@@ -14,8 +14,9 @@ op's api.py).
 * a sequence (and "auto") runs the first implementation that can take the call, and raises listing each reason
   when none can;
 * one name runs that implementation, and raises naming the reason and the alternatives when it cannot;
-* "auto" is the op's table order, keeping cuDNN and the Pallas kernels to a GPU, and the Pallas kernels out until
-  `PALLAS_IN_AUTO` is set (flash: cudnn, then xla on GPU; xla elsewhere).
+* "auto" is the op's table order, keeping cuDNN and the Pallas kernels to a GPU, the CPU-tuned XLA backends off it,
+  and the Pallas kernels out until `PALLAS_IN_AUTO` is set (flash: cudnn, then xla on GPU; xla_chunked, then xla
+  elsewhere).
 
 A backend module that fails to import (e.g. a jax API change) disables that implementation with a one-time
 warning: "auto" and sequences skip it, asking for it alone raises with the import error, the package still works.
@@ -40,6 +41,7 @@ class Implementation:
     name: str
     module: str  # backend module, imported on first use
     gpu_only: bool = False  # "auto" tries it on GPU only (cuDNN; the Pallas kernels, which elsewhere interpret)
+    off_gpu_only: bool = False  # "auto" tries it off GPU only (tuned and measured on CPU)
     pallas: bool = False  # a Pallas kernel: "auto" tries it only once PALLAS_IN_AUTO
 
 
@@ -52,6 +54,7 @@ TABLES: dict[str, tuple[Implementation, ...]] = {
         Implementation("cudnn", _FLASH + "cudnn", gpu_only=True),
         Implementation("mosaic_gpu", _FLASH + "pallas_mosaic_gpu", gpu_only=True, pallas=True),
         Implementation("triton", _FLASH + "pallas_triton", gpu_only=True, pallas=True),
+        Implementation("xla_chunked", _FLASH + "xla_chunked", off_gpu_only=True),
         Implementation("xla", _FLASH + "reference"),
     ),
     "decode_attention": (
@@ -102,7 +105,7 @@ def check_implementation(op: str, implementation: str | Sequence[str]) -> tuple[
 def auto_order(op: str, gpu: bool) -> tuple[str, ...]:
     """What "auto" tries, in order, on a GPU or elsewhere."""
     return tuple(impl.name for impl in _table(op)
-                 if (gpu or not impl.gpu_only) and (PALLAS_IN_AUTO or not impl.pallas))
+                 if not (impl.off_gpu_only if gpu else impl.gpu_only) and (PALLAS_IN_AUTO or not impl.pallas))
 
 
 # ----------------------------------------------------------------------------------------------- backend imports

@@ -1,6 +1,7 @@
 """`flash_attention`: one entry point for softmax attention over the op's table of implementations (`ops.py`).
 
-Light: the backends (cudnn.py, pallas_mosaic_gpu.py, pallas_triton.py, reference.py) are imported on first use."""
+Light: the backends (cudnn.py, pallas_mosaic_gpu.py, pallas_triton.py, xla_chunked.py, reference.py) are imported
+on first use."""
 
 from __future__ import annotations
 
@@ -57,11 +58,14 @@ def flash_attention(q, k, v, *, causal: bool = False, sliding_window: int | None
           "mosaic_gpu"  Hopper FA3-style Mosaic GPU forward with the Triton backward (bf16/fp16, head dim
                         64/128/256 == Dv; no window, segment ids, soft cap or gate);
           "triton"      the portable FlashAttention-2 Pallas Triton kernels (every option);
+          "xla_chunked" float32 XLA in query blocks that skip the keys their mask hides, with a FlashAttention-2
+                        backward (every option; the CPU backend);
           "xla"         the float32 reference, which materialises the logits.
         "auto": cuDNN where it applies on a GPU, else XLA (the Pallas kernels join once verified on a GPU, see
-        `ops.PALLAS_IN_AUTO`); XLA off GPU. Off GPU the Pallas kernels run in their interpreters.
+        `ops.PALLAS_IN_AUTO`); off GPU xla_chunked. Off GPU the Pallas kernels run in their interpreters.
       block_q, block_k: Pallas tile overrides (powers of 2, >= 16): every Triton kernel's tiles; the Mosaic GPU
-        forward's (multiples of 64; block_q per consumer warpgroup). Other implementations ignore them.
+        forward's (multiples of 64; block_q per consumer warpgroup); xla_chunked's query block (block_q).
+        Other implementations ignore them.
       interpret: Pallas interpret mode; default: off GPU.
 
     Returns:

@@ -15,7 +15,6 @@ import pytest
 
 from pallas_kernels import decode_attention, flash_attention, ops
 from pallas_kernels.decode_attention import decode_attention_reference
-from pallas_kernels.flash_attention import flash_attention_reference
 from pallas_kernels.flash_attention.api import FlashCall
 
 from harness import DecodeProblem, FlashProblem
@@ -32,7 +31,7 @@ def flash_call(dtype=jnp.float32, dims=(64, 64), **options) -> FlashCall:
 
 
 def test_tables_list_implementations_in_auto_order():
-    assert ops.implementations("flash_attention") == ("cudnn", "mosaic_gpu", "triton", "xla")
+    assert ops.implementations("flash_attention") == ("cudnn", "mosaic_gpu", "triton", "xla_chunked", "xla")
     assert ops.implementations("decode_attention") == ("triton", "xla")
     assert ops.implementations("chunked_linear_attention") == ("triton", "xla")
     assert ops.implementations("block_sparse_attention") == ("triton", "xla")
@@ -42,23 +41,24 @@ def test_tables_list_implementations_in_auto_order():
 
 
 def test_auto_order(monkeypatch):
-    assert ops.auto_order("flash_attention", gpu=False) == ("xla",)
-    assert ops.auto_order("flash_attention", gpu=True) == ("cudnn", "xla")
+    assert ops.auto_order("flash_attention", gpu=False) == ("xla_chunked", "xla")
+    assert ops.auto_order("flash_attention", gpu=True) == ("cudnn", "xla")  # xla_chunked is tuned for CPU
     assert ops.auto_order("decode_attention", gpu=True) == ("xla",)
     monkeypatch.setattr(ops, "PALLAS_IN_AUTO", True)
     assert ops.auto_order("flash_attention", gpu=True) == ("cudnn", "mosaic_gpu", "triton", "xla")
-    assert ops.auto_order("flash_attention", gpu=False) == ("xla",)  # off GPU the kernels would only interpret
+    assert ops.auto_order("flash_attention", gpu=False) == ("xla_chunked", "xla")  # the kernels would interpret
     assert ops.select("flash_attention", "auto", flash_call(jnp.float32), gpu=True)[0] == "triton"  # fp32: no cuDNN
     monkeypatch.setattr(ops, "PALLAS_IN_AUTO", False)
     assert ops.select("flash_attention", "auto", flash_call(jnp.float32), gpu=True)[0] == "xla"
 
 
-def test_auto_is_xla_off_gpu():
+def test_auto_is_xla_chunked_off_gpu():
     if jax.default_backend() == "gpu":
         pytest.skip("off-GPU behaviour")
     q, k, v, *_ = FlashProblem(seq_q=37, seq_k=37, heads_q=6, heads_kv=2, dqk=48, dv=32, seed=3).inputs()
     both = jax.jit(lambda q, k, v: (flash_attention(q, k, v, causal=True, return_lse=True),
-                                    flash_attention_reference(q, k, v, causal=True, return_lse=True)))
+                                    flash_attention(q, k, v, causal=True, return_lse=True,
+                                                    implementation="xla_chunked")))
     for got, want in zip(*both(q, k, v)):
         np.testing.assert_array_equal(got, want)
     q, k, v, lengths = DecodeProblem(2, 40, 1, 4, 2, 32, 32, jnp.float32, lengths=(40, 5), seed=4).inputs()
@@ -109,13 +109,13 @@ def test_single_name_that_cannot_take_the_call_names_reason_and_alternatives():
     ]:
         args = dict(q=q, k=q, v=q) | kwargs
         with pytest.raises(ValueError, match=rf"flash_attention: implementation='cudnn' cannot take this call: "
-                                             rf"{match}.*; implementations that can: .*'triton', 'xla'"):
+                                             rf"{match}.*; implementations that can: .*'triton', 'xla_chunked', 'xla'"):
             flash_attention(**args, implementation="cudnn")
     if jax.default_backend() != "gpu":
         with pytest.raises(ValueError, match="'cudnn' cannot take this call: needs a GPU"):
             flash_attention(q, q, q, implementation="cudnn")
     with pytest.raises(ValueError, match=r"'mosaic_gpu' cannot take this call: sliding_window \(not in this "
-                                         r"kernel\); implementations that can: 'triton', 'xla'"):
+                                         r"kernel\); implementations that can: 'triton', 'xla_chunked', 'xla'"):
         flash_attention(q, q, q, causal=True, sliding_window=4, implementation="mosaic_gpu")
 
 
@@ -127,9 +127,9 @@ def test_sequence_none_can_take_lists_each_reason():
 
 
 @pytest.mark.parametrize("op, implementation, allowed", [
-    ("flash_attention", "pallas", "'auto', 'cudnn', 'mosaic_gpu', 'triton', 'xla'"),
-    ("flash_attention", ("triton", "auto"), "'auto', 'cudnn', 'mosaic_gpu', 'triton', 'xla'"),
-    ("flash_attention", (), "'auto', 'cudnn', 'mosaic_gpu', 'triton', 'xla'"),
+    ("flash_attention", "pallas", "'auto', 'cudnn', 'mosaic_gpu', 'triton', 'xla_chunked', 'xla'"),
+    ("flash_attention", ("triton", "auto"), "'auto', 'cudnn', 'mosaic_gpu', 'triton', 'xla_chunked', 'xla'"),
+    ("flash_attention", (), "'auto', 'cudnn', 'mosaic_gpu', 'triton', 'xla_chunked', 'xla'"),
     ("decode_attention", "cudnn", "'auto', 'triton', 'xla'"),
     ("decode_attention", None, "'auto', 'triton', 'xla'"),
 ])
@@ -167,7 +167,8 @@ def test_backend_whose_import_fails_is_disabled(monkeypatch):
         jaxpr = _kernels_in(lambda x: flash_attention(x, x, x, implementation=("mosaic_gpu", "triton")), x)
     assert "flash_fwd" in jaxpr and "flash_fwd_mosaic" not in jaxpr
     with pytest.raises(ValueError, match=r"'mosaic_gpu' cannot take this call: disabled: importing .* failed "
-                                         r"\(AttributeError: .*'Layout'\); implementations that can: 'triton', 'xla'"):
+                                         r"\(AttributeError: .*'Layout'\); implementations that can: 'triton', "
+                                         r"'xla_chunked', 'xla'"):
         flash_attention(x, x, x, implementation="mosaic_gpu")
     status = ops.available("flash_attention")  # warned once: no second warning above or here
     assert status["mosaic_gpu"].startswith(f"disabled: importing {MOSAIC_MODULE} failed (AttributeError")
