@@ -22,6 +22,7 @@ from experiments import bench_common  # noqa: E402
 from experiments import bench_cpu_vs_torch as bench  # noqa: E402
 
 
+@pytest.mark.slow  # compiles two models' train steps (10-50 s); the timing and checking helpers are tested below
 def test_smoke_run_writes_positive_rates_ratios_to_gqa_and_code_identity(tmp_path):
     out = tmp_path / "bench.json"
     bench.main(["--smoke", "--out", str(out)])

@@ -20,9 +20,8 @@ from attnzoo import LanguageModel, ModelConfig, generate
 from attnzoo.data import TokenDataset, load_tokenizer, text_corpus
 from attnzoo.interop import load_pretrained
 from attnzoo.provenance import code_identity
-from attnzoo.train import TrainConfig, train
+from attnzoo.train import TrainConfig, eval_cli, export_cli, generate_cli, train
 from attnzoo.train import cli as train_cli
-from attnzoo.train import eval_cli, export_cli, generate_cli
 from attnzoo.train import trainer as trainer_module
 from attnzoo.train.runs import load_run
 
@@ -277,7 +276,8 @@ def test_eval_diagnostics_average_the_models_per_layer_metrics(tiny_run):
                                       train_cli.cache_dir())
     batches = list(dataset.eval_batches("val", run.training.batch_size, run.training.seq_len,
                                         run.training.eval_batches))
-    per_batch = [run.model(x_BT, diagnostics=True).metrics for x_BT, _ in batches]
+    metrics = nnx.jit(lambda model, x_BT: model(x_BT, diagnostics=True).metrics)  # one compile for all batches
+    per_batch = [metrics(run.model, x_BT) for x_BT, _ in batches]
     assert set(diagnostics) == set(per_batch[0]) and "layer3/sink_share" in diagnostics
     for name in diagnostics:
         assert diagnostics[name] == pytest.approx(np.mean([float(m[name]) for m in per_batch]), rel=1e-5), name

@@ -22,12 +22,12 @@ from flax import nnx
 
 from attnzoo import LanguageModel, ModelConfig
 from attnzoo.train import make_train_step
-from test_sharding import FAST_COMPILE_XLA_FLAGS, assert_same_sgd_step
+from test_sharding import assert_same_sgd_step
 
 MODEL = ModelConfig(vocab_size=259, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2)
 BATCH_SIZE, SEQ_LEN = 8, 16
 LAUNCH_TIMEOUT_S = 120
-XLA_FLAGS = f"--xla_force_host_platform_device_count=2 {FAST_COMPILE_XLA_FLAGS}"  # 2 devices per process
+XLA_FLAGS = f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=2"  # 2 devices per process
 
 WORKER = textwrap.dedent("""
     import json, sys, time

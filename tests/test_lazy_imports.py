@@ -103,7 +103,7 @@ def test_an_op_subpackage_imported_first_never_shadows_the_op_function(steps):
     assert set(steps["before_ops"]["kernels"]) <= LIGHT_KERNEL_MODULES  # so the subpackage imports come first
     assert steps["op_is_function"] == [True] * len(OPS)
     assert steps["imported_op_is_function"] and steps["api_module"] == "pallas_kernels.flash_attention.api"
-    assert steps["max_error"] < 1e-6
+    assert steps["max_error"] < 1e-5  # float32, the backend "auto" picks against the reference
 
 
 def test_a_value_set_on_the_package_replaces_the_op_but_the_subpackage_does_not(monkeypatch):

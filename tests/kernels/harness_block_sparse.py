@@ -11,11 +11,10 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from harness import LSE_TOL, TOL, ReferenceComparisonBase, mismatch
 from hypothesis import strategies as st
 
 from pallas_kernels import block_sparse_attention
-
-from harness import LSE_TOL, TOL, ReferenceComparisonBase, mismatch
 
 
 @dataclasses.dataclass(frozen=True)

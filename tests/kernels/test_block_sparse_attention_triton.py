@@ -6,14 +6,17 @@ dK/dV kernels."""
 import jax
 import jax.numpy as jnp
 import pytest
+from harness import TRITON_CALL, lower_value_and_grad
+from harness_block_sparse import (
+    BlockSparseAttentionTestBase,
+    BlockSparseProblem,
+    block_sparse_mismatches,
+    block_sparse_problems,
+)
 from jax.experimental import pallas as pl
 
 from pallas_kernels import block_sparse_attention
 from pallas_kernels.block_sparse_attention import pallas_triton, pallas_triton_bwd
-
-from harness import TRITON_CALL, lower_value_and_grad
-from harness_block_sparse import (BlockSparseAttentionTestBase, BlockSparseProblem, block_sparse_mismatches,
-                                  block_sparse_problems)
 
 
 class TestTriton(BlockSparseAttentionTestBase):

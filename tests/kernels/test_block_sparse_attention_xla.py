@@ -6,14 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from pallas_kernels import block_sparse_attention
-from pallas_kernels.block_sparse_attention import (block_index_problems, check_block_indices,
-                                                   transpose_block_indices)
-from pallas_kernels.flash_attention import flash_attention_reference
-
 from harness import assert_close
 from harness_block_sparse import BlockSparseAttentionTestBase, BlockSparseProblem
+
+from pallas_kernels import block_sparse_attention
+from pallas_kernels.block_sparse_attention import block_index_problems, check_block_indices, transpose_block_indices
+from pallas_kernels.flash_attention import flash_attention_reference
 
 
 class TestXla(BlockSparseAttentionTestBase):

@@ -6,11 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from harness import TRITON_CALL, ChunkedLinearAttentionTestBase, LinearProblem, linear_problems
 
 from pallas_kernels import chunked_linear_attention
 from pallas_kernels.common import lower_for_cuda
-
-from harness import TRITON_CALL, ChunkedLinearAttentionTestBase, LinearProblem, linear_problems
 
 KERNELS = ("chunked_linear_attention_fwd", "chunked_linear_attention_bwd_dq", "chunked_linear_attention_bwd_dkv")
 

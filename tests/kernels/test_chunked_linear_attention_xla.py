@@ -7,12 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from harness import TOL, ChunkedLinearAttentionTestBase, LinearProblem, assert_close, linear_problems
 
 from pallas_kernels import chunked_linear_attention
-from pallas_kernels.chunked_linear_attention import (chunked_linear_attention_reference,
-                                                     linear_attention_step_reference)
-
-from harness import TOL, ChunkedLinearAttentionTestBase, LinearProblem, assert_close, linear_problems
+from pallas_kernels.chunked_linear_attention import chunked_linear_attention_reference, linear_attention_step_reference
 
 
 class TestXla(ChunkedLinearAttentionTestBase):

@@ -12,12 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from harness import DecodeProblem, FlashProblem
 
 from pallas_kernels import decode_attention, flash_attention, ops
 from pallas_kernels.decode_attention import decode_attention_reference
 from pallas_kernels.flash_attention.api import FlashCall
-
-from harness import DecodeProblem, FlashProblem
 
 MOSAIC_MODULE = "pallas_kernels.flash_attention.pallas_mosaic_gpu"
 

@@ -3,10 +3,9 @@ through; cuDNN's runs where a GPU is (skipped elsewhere), and the window convent
 
 import jax
 import jax.numpy as jnp
+from harness import FlashAttentionTestBase, FlashProblem, assert_close, flash_problems
 
 from pallas_kernels.flash_attention import flash_attention_reference
-
-from harness import FlashAttentionTestBase, FlashProblem, assert_close, flash_problems
 
 
 class TestXla(FlashAttentionTestBase):

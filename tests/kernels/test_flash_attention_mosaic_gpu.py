@@ -10,6 +10,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from harness import (
+    MOSAIC_CALL,
+    TOL,
+    TRITON_CALL,
+    FlashAttentionTestBase,
+    FlashProblem,
+    assert_close,
+    flash_problems,
+    lower_value_and_grad,
+)
 from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -17,9 +27,6 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels import flash_attention
 from pallas_kernels.common import lower_for_cuda
 from pallas_kernels.flash_attention import flash_attention_reference, pallas_mosaic_gpu
-
-from harness import (MOSAIC_CALL, TOL, TRITON_CALL, FlashAttentionTestBase, FlashProblem, assert_close,
-                     flash_problems, lower_value_and_grad)
 
 # The jax 0.11.2 Mosaic GPU interpreter runs each warpgroup as a host thread whose barrier waits block inside
 # io_callbacks; XLA:CPU runs some of those callbacks on a thread pool sized to the host's cores, so with 2 cores the

@@ -7,17 +7,17 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import pytest
+from harness import TRITON_CALL, FlashAttentionTestBase, FlashProblem, flash_mismatches, lower_value_and_grad
 from jax.experimental import pallas as pl
 
 from pallas_kernels import flash_attention
 from pallas_kernels.common import lower_for_cuda
 from pallas_kernels.flash_attention import pallas_triton, pallas_triton_bwd, pallas_triton_common
 
-from harness import TRITON_CALL, FlashAttentionTestBase, FlashProblem, flash_mismatches, lower_value_and_grad
-
 
 class TestTriton(FlashAttentionTestBase):
     implementation = "triton"
+    examples = 4  # interpreted kernels, ~5 s a problem: the 40-problem sweep runs with -m slow
     named_cases = {
         "mla-192-128-mqa": FlashProblem(seq_q=100, seq_k=100, heads_q=8, heads_kv=1, dqk=192, dv=128, causal=True,
                                         gate=True, block_q=32, block_k=16),  # MLA head dims, MQA, skipped blocks

@@ -7,13 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from harness import FlashAttentionTestBase, FlashProblem, flash_problems
 
 from attnzoo import LanguageModel, ModelConfig
 from pallas_kernels import flash_attention
 from pallas_kernels.common import on_gpu
 from pallas_kernels.flash_attention import xla_chunked
-
-from harness import FlashAttentionTestBase, FlashProblem, flash_problems
 
 # Each query block is compiled on its own, so the default run keeps to a few blocks (block_q 32 on <= 100 tokens).
 BLOCKS = (None, 32)
