@@ -1,4 +1,5 @@
-"""The one attention entry point every softmax mixer calls; the kernels plug in underneath.
+"""The attention entry point every dense softmax mixer calls (the routed mixers call the block-sparse op through
+`attnzoo.block_routing`); the kernels plug in underneath.
 
 `implementation` is the model's choice for the op (`ModelConfig.kernel("flash_attention")` /
 `kernel("decode_attention")`): "auto", one implementation name, or a sequence tried in order; see

@@ -1,6 +1,6 @@
 """What every decode cache shares: the model's decode state and the per-sequence write into a cache buffer.
 
-`KVCache` (keys and values of every past token) serves every softmax mixer; a mixer with another state keeps its
+`KVCache` (keys and values of every past token) serves the softmax mixers; a mixer with another state keeps its
 cache class in its own file. The model keeps the per-sequence lengths and the capacity,
 so a recurrent cache holds only its state.
 """
