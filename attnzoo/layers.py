@@ -5,15 +5,12 @@ that no mixer imports another for a helper."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-
-from attnzoo.mixers.base import ForwardContext, MixerOutput
 
 
 class RMSNorm(nnx.Module):
@@ -160,24 +157,3 @@ def softmax_map(q_BTHE, k_BTKE, scale: float):
     t = q_BTHE.shape[1]
     causal = jnp.tril(jnp.ones((t, k_BTHE.shape[1]), bool))
     return jax.nn.softmax(jnp.where(causal, logits_BHTS, -jnp.inf), axis=-1), jnp.where(causal, logits_BHTS, 0.0)
-
-
-def compiled_forward(forward):
-    """Run a mixer's `__call__` as one `jax.jit` keyed by the module's graph and the static mode: eager callers
-    (tests, notebooks, a first `model(tokens)`) compile its scans once per shape instead of on every call; under an
-    outer jit or grad it is inlined."""
-    @functools.wraps(forward)
-    def call(self, x_BTD, ctx: ForwardContext, cache=None) -> MixerOutput:
-        graphdef, state = nnx.split(self)
-        arrays = {f.name: getattr(ctx, f.name) for f in dataclasses.fields(ctx)
-                  if f.name not in ("mode", "diagnostics")}
-        return _run_forward(graphdef, state, x_BTD, arrays, cache, forward=forward, mode=ctx.mode,
-                            diagnostics=ctx.diagnostics)
-
-    return call
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "forward", "mode", "diagnostics"))
-def _run_forward(graphdef, state, x_BTD, ctx_arrays, cache, *, forward, mode, diagnostics):
-    ctx = ForwardContext(mode=mode, diagnostics=diagnostics, **ctx_arrays)
-    return forward(nnx.merge(graphdef, state), x_BTD, ctx, cache)

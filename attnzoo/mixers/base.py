@@ -21,6 +21,7 @@ sequence). The model keeps the per-sequence lengths; a cache holds only the mixe
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, ClassVar, Iterable, Literal, Mapping, NamedTuple
 
 import jax
@@ -144,3 +145,24 @@ def average_context(seq_len: int, window: int | None) -> float:
 
 def dtype_bytes(dtype) -> int:
     return jnp.dtype(dtype).itemsize
+
+
+def compiled_forward(forward):
+    """Run a mixer's `__call__` as one `jax.jit` keyed by the module's graph and the static mode: eager callers
+    (tests, notebooks, a first `model(tokens)`) compile its scans once per shape instead of on every call; under an
+    outer jit or grad it is inlined."""
+    @functools.wraps(forward)
+    def call(self, x_BTD, ctx: ForwardContext, cache=None) -> MixerOutput:
+        graphdef, state = nnx.split(self)
+        arrays = {f.name: getattr(ctx, f.name) for f in dataclasses.fields(ctx)
+                  if f.name not in ("mode", "diagnostics")}
+        return _run_forward(graphdef, state, x_BTD, arrays, cache, forward=forward, mode=ctx.mode,
+                            diagnostics=ctx.diagnostics)
+
+    return call
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "forward", "mode", "diagnostics"))
+def _run_forward(graphdef, state, x_BTD, ctx_arrays, cache, *, forward, mode, diagnostics):
+    ctx = ForwardContext(mode=mode, diagnostics=diagnostics, **ctx_arrays)
+    return forward(nnx.merge(graphdef, state), x_BTD, ctx, cache)

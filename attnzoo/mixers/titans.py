@@ -38,8 +38,16 @@ from flax import nnx
 from attnzoo.attention import attention, cached_attention
 from attnzoo.cache import KVCache
 from attnzoo.config import ModelConfig
-from attnzoo.layers import RMSNorm, compiled_forward, dense
-from attnzoo.mixers.base import ForwardContext, Mixer, MixerOutput, SharedParams, Supports, average_context
+from attnzoo.layers import RMSNorm, dense
+from attnzoo.mixers.base import (
+    ForwardContext,
+    Mixer,
+    MixerOutput,
+    SharedParams,
+    Supports,
+    average_context,
+    compiled_forward,
+)
 from attnzoo.mixers.gqa import GQAOptions, GQAttention
 from attnzoo.mixers.titans_memory import (
     Gates,

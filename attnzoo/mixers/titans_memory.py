@@ -42,8 +42,8 @@ from flax import nnx
 import pallas_kernels
 from attnzoo.cache import rows_before
 from attnzoo.config import ModelConfig
-from attnzoo.layers import DepthwiseConv1d, RMSNorm, compiled_forward, dense
-from attnzoo.mixers.base import ForwardContext, Mixer, MixerOutput, SharedParams, Supports
+from attnzoo.layers import DepthwiseConv1d, RMSNorm, dense
+from attnzoo.mixers.base import ForwardContext, Mixer, MixerOutput, SharedParams, Supports, compiled_forward
 from attnzoo.registry import register
 
 # Gate biases at init: theta = 0.1 max_lr, eta = 0.5, alpha = 0.01 (slow forgetting); see "Stability" in
