@@ -8,6 +8,7 @@ Every timing blocks on the result (`jax.block_until_ready`) and excludes compila
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import statistics
 import sys
@@ -84,6 +85,26 @@ def speed_ratio(seconds: list[float], baseline_seconds: list[float]) -> dict[str
     """Speed relative to the baseline (> 1: faster) per repeat, paired by repeat: median, min and max."""
     ratios = [base / own for own, base in zip(seconds, baseline_seconds, strict=True)]
     return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+
+
+def settled_alternating_seconds(runs: dict, repeats: int, warmup: int, settle_s: float) -> dict[str, list[float]]:
+    """`alternating_seconds` with an untimed pause of `settle_s` after each run. Without it, the calls just after
+    one that had used GBs of memory ran slower (that memory's release, most likely): on the 2-core CPU, block-sparse
+    forwards of 25-55 ms took 130-220 ms when they followed a 3 s dense one, and 25-55 ms with a 1 s pause after
+    every call. Each row then also escapes its own release, which favours the rows that use the most memory."""
+    with_pauses = {}
+    for name, run in runs.items():
+        with_pauses[name], with_pauses[f"{name}, then a pause"] = run, functools.partial(time.sleep, settle_s)
+    seconds = alternating_seconds(with_pauses, repeats, warmup)
+    return {name: seconds[name] for name in runs}
+
+
+def summary(seconds: list[float], all_seconds: dict[str, list[float]], baselines) -> dict:
+    """A row's timing from alternating runs (`all_seconds`: every row's, by name): its median seconds, the spread
+    (max - min) / median, and its speed against each named baseline."""
+    median = statistics.median(seconds)
+    return dict(seconds=seconds, median_s=median, spread=(max(seconds) - min(seconds)) / median,
+                speed_vs={base: speed_ratio(seconds, all_seconds[base]) for base in baselines})
 
 
 def rel_err(x, ref) -> float:
