@@ -51,7 +51,7 @@ from attnzoo.interop import load_pretrained  # noqa: E402
 from attnzoo.provenance import code_identity  # noqa: E402
 from attnzoo.train.optim import TrainConfig, make_optimizer  # noqa: E402
 from attnzoo.train.trainer import make_eval_step, make_train_step  # noqa: E402
-from experiments.bench_common import alternating_seconds, speed_ratio  # noqa: E402
+from experiments.bench_common import settled_alternating_seconds, speed_ratio  # noqa: E402
 
 LOSS_RTOL = 1e-4  # |loss_a - loss_b| <= LOSS_RTOL * max(1, |loss_b|)
 SEED = 0
@@ -77,6 +77,7 @@ class Setup:
     check_prompts: tuple[int, int] = (2, 8)  # the greedy check: (prompts, tokens each)
     check_new: int = 16
     warmup: int = 2  # untimed calls per contender and workload (the first compiles)
+    settle_s: float = 1.0  # untimed pause after each timed call (bench_common.settled_alternating_seconds)
     families: tuple[str, ...] = MIXER_FAMILIES  # the mixer families timed against GQA (the first)
 
     @property
@@ -96,7 +97,7 @@ FULL = Setup()
 # Compilation dominates a smoke run: one decode batch, and GQA beside one other family.
 SMOKE = Setup(n_layers=1, d_model=64, n_heads=4, n_kv_heads=2, vocab_size=128, prefill=(2, 32), train=(2, 32),
               decode_batches=(2,), decode_prompt=8, decode_new=8, check_prompts=(2, 4), check_new=4, warmup=1,
-              families=(GQA, "MLA"))
+              settle_s=0.0, families=(GQA, "MLA"))
 
 
 def zoo_config(setup: Setup) -> ModelConfig:
@@ -299,11 +300,11 @@ def workloads(setup: Setup, decode: bool = True) -> list[tuple[str, int, Callabl
 def time_contenders(contenders: dict[str, Contender], setup: Setup, repeats: int, baseline: str,
                     decode: bool = True) -> list[dict[str, Any]]:
     """One row per workload: each contender's median tokens/s and its speed relative to `baseline`'s, from
-    alternating runs (in the dict's order)."""
+    alternating runs (in the dict's order) with an untimed pause after each call."""
     rows = []
     for workload, n_tokens, make in workloads(setup, decode):
         runs = {name: make(contender) for name, contender in contenders.items()}
-        seconds = alternating_seconds(runs, repeats, setup.warmup)
+        seconds = settled_alternating_seconds(runs, repeats, setup.warmup, setup.settle_s)
         rows.append({"workload": workload, "tokens_per_call": n_tokens, "contenders": {
             name: {"tokens_per_s": n_tokens / statistics.median(s), "seconds": s,
                    "speed_vs_baseline": speed_ratio(s, seconds[baseline])}
