@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import platform
 import sys
@@ -48,7 +47,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from experiments.bench_common import rel_err, settled_alternating_seconds, summary  # noqa: E402
+from experiments.bench_common import rel_err, settled_alternating_seconds, summary, write_json  # noqa: E402
 from pallas_kernels import block_sparse_attention, flash_attention  # noqa: E402
 from pallas_kernels.flash_attention.xla_chunked import block_ranges, query_block  # noqa: E402
 
@@ -185,9 +184,7 @@ def main(argv=None) -> dict:
         fwd_cost_vs_k=dict(ks=[r["k"] for r in sparse_fwd], ms_per_block=1e3 * slope, intercept_ms=1e3 * intercept,
                            worst_deviation=worst))
     print_tables(result)
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(result, fh, indent=1)
+    write_json(result, args.out)
     return result
 
 

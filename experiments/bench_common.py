@@ -107,6 +107,13 @@ def summary(seconds: list[float], all_seconds: dict[str, list[float]], baselines
                 speed_vs={base: speed_ratio(seconds, all_seconds[base]) for base in baselines})
 
 
+def write_json(result: dict, path: str | None) -> None:
+    """The benchmark's result as indented JSON at `path` (nothing when it is None)."""
+    if path:
+        with open(path, "w") as fh:
+            json.dump(result, fh, indent=1)
+
+
 def rel_err(x, ref) -> float:
     """||x - ref|| / ||ref|| in float64; inf when x has a non-finite entry."""
     x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import os
 import platform
 import statistics
@@ -51,7 +50,7 @@ from attnzoo.interop import load_pretrained  # noqa: E402
 from attnzoo.provenance import code_identity  # noqa: E402
 from attnzoo.train.optim import TrainConfig, make_optimizer  # noqa: E402
 from attnzoo.train.trainer import make_eval_step, make_train_step  # noqa: E402
-from experiments.bench_common import settled_alternating_seconds, speed_ratio  # noqa: E402
+from experiments.bench_common import settled_alternating_seconds, speed_ratio, write_json  # noqa: E402
 
 LOSS_RTOL = 1e-4  # |loss_a - loss_b| <= LOSS_RTOL * max(1, |loss_b|)
 SEED = 0
@@ -386,9 +385,7 @@ def main(argv=None) -> dict[str, Any]:
         "families": time_contenders(families, setup, repeats, baseline=next(iter(families)), decode=False),
     }
     print_tables(result)
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(result, fh, indent=1)
+    write_json(result, args.out)
     return result
 
 

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from experiments.bench_common import alternating_seconds, rel_err, settled_alternating_seconds, summary  # noqa: E402
+from experiments.bench_common import alternating_seconds, rel_err, settled_alternating_seconds, summary, write_json  # noqa: E402
 from pallas_kernels import chunked_linear_attention, decode_attention  # noqa: E402
 from pallas_kernels.common import on_gpu  # noqa: E402
 
@@ -181,9 +181,7 @@ def main(argv=None) -> dict:
     result["env"]["elapsed_s"] = round(time.perf_counter() - start, 1)
     print(json.dumps(result["env"]))
     print_tables(result)
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(result, fh, indent=1)
+    write_json(result, args.out)
     return result
 
 

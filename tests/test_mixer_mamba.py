@@ -141,13 +141,15 @@ def test_scan_values_and_gradients_match_step_by_step(scan_reference, scan, chun
         np.testing.assert_allclose(value, want, rtol=0, atol=2e-6 * float(jnp.abs(want).max()), err_msg=name)
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the per-backend choice of the CPU")
-def test_cpu_scan_is_sequential():
+@pytest.mark.parametrize("backend, chunked", [("cpu", False), ("gpu", True)])
+def test_scan_form_follows_the_backend(backend, chunked, monkeypatch):
     """On CPU the layer's scan is the step-by-step form: no [B, Q, S, I, N] decays and no cumsum (XLA:CPU lowers a
-    cumsum to a reduce-window, O(Q) adds per output), which made the chunked form ~30x slower there."""
+    cumsum to a reduce-window, O(Q) adds per output), which made the chunked form ~30x slower there; elsewhere the
+    chunked form."""
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)  # read when the scan is traced
     args, segment_ids_BT, _ = scan_problem()
     jaxpr = str(jax.make_jaxpr(lambda *a: selective_scan(*a, chunk_size=4, segment_ids_BT=segment_ids_BT))(*args))
-    assert "cumsum" not in jaxpr and "scan" in jaxpr
+    assert ("cumsum" in jaxpr) == chunked and "scan" in jaxpr
 
 
 def test_initialisation_follows_the_reference():
